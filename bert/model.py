@@ -1,0 +1,261 @@
+"""BERT (Devlin et al., 2019) in plain PyTorch: the encoder that LNSR regularizes.
+
+One forward pass, as the paper's Section 3.1 names its pieces:
+
+    x^1 = Embeddings(input_ids, token_type_ids)                 input of layer 1, (B, T, H)
+    x^{r+1} = Layer_r(x^r)               for r = 1..L           output of layer r = input of r+1
+    pooled = tanh(W_p x^{L+1}[:, 0] + b_p)                     the [CLS] vector, (B, H)
+    logits = W_c dropout(pooled) + b_c                          (B, num_labels)
+
+`f^{b,r}` of the paper is "run layers b..r", which `BertModel.run_layers` does from any b.
+`hidden_states` holds the L+1 tensors x^1 (the embedding output), x^2, ..., x^{L+1}, exactly
+as Hugging Face's `output_hidden_states=True`, so `hidden_states[b - 1]` is the input of layer b
+and `hidden_states[r]` the output of layer r.
+
+Each layer is post-LayerNorm, as in the original BERT:
+    a = LayerNorm(x + Dropout(Attention(x)))
+    y = LayerNorm(a + Dropout(W_2 GELU(W_1 a)))
+
+Weight names differ from Hugging Face's where a shorter name reads better (and Q, K, V are one
+fused projection); bert/weights.py maps between the two explicitly.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bert.config import BertConfig
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),                       # exact, erf-based: BERT's own
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids):
+        T = input_ids.shape[1]
+        positions = torch.arange(T, device=input_ids.device)                      # (T,)
+        x = (self.word_embeddings(input_ids)                                     # (B, T, H)
+             + self.token_type_embeddings(token_type_ids)
+             + self.position_embeddings(positions))
+        return self.dropout(self.layer_norm(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention. One (3H x H) projection computes Q, K and V together."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attn_dropout = config.attention_probs_dropout_prob
+
+    def forward(self, x, attn_mask):
+        B, T, H = x.shape
+        # (B, T, 3H) -> three (B, heads, T, head_size)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, H // self.n_heads).permute(2, 0, 3, 1, 4)
+        # softmax(Q K^T / sqrt(d) + mask) V, with dropout on the attention probabilities;
+        # attn_mask is (B, 1, 1, T) bool (True = a real token) or None when nothing is padded.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, H)                                   # (B, T, H)
+        return self.out(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size)      # W_1: H -> 4H
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)    # W_2: 4H -> H
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+class Layer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = SelfAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, attn_mask):                                             # x: (B, T, H)
+        x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class Pooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, last_hidden):                                               # (B, T, H)
+        return torch.tanh(self.dense(last_hidden[:, 0]))                          # (B, H)
+
+
+@dataclass
+class BertOutput:
+    last_hidden_state: torch.Tensor          # (B, T, H)
+    pooler_output: torch.Tensor              # (B, H)
+    hidden_states: tuple                     # L+1 tensors (B, T, H): x^1 (embeddings) .. x^{L+1}
+    attn_mask: torch.Tensor | None           # (B, 1, 1, T) bool, or None (no padding)
+    rng_snapshot: object = None              # RNG state before layer `rng_snapshot_layer`
+
+
+def attention_mask_for_sdpa(attention_mask):
+    """(B, T) 0/1 padding mask -> (B, 1, 1, T) bool for every query row, or None.
+
+    None when nothing is padded: SDPA then skips the masking work entirely.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+def rng_state(device):
+    """Everything the dropout masks of the next few ops depend on."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+class BertModel(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList([Layer(config) for _ in range(config.num_hidden_layers)])
+        self.pooler = Pooler(config)
+        # A regularizer that re-runs layers b..L (LNSR, FT+Noise) sets this to b, so that the
+        # forward pass records the RNG state before layer b and the second pass can replay the
+        # very same dropout masks: the two passes then differ only by the injected noise.
+        self.rng_snapshot_layer: int | None = None
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> BertOutput:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        attn_mask = attention_mask_for_sdpa(attention_mask)
+        x = self.embeddings(input_ids, token_type_ids)                           # x^1: (B, T, H)
+        hidden_states = [x]
+        snapshot = None
+        for b, layer in enumerate(self.layers, start=1):
+            if b == self.rng_snapshot_layer and self.training:
+                snapshot = rng_state(x.device)
+            x = layer(x, attn_mask)
+            hidden_states.append(x)
+        return BertOutput(last_hidden_state=x, pooler_output=self.pooler(x),
+                          hidden_states=tuple(hidden_states), attn_mask=attn_mask,
+                          rng_snapshot=snapshot)
+
+    def run_layers(self, x_b, attn_mask, b: int, rng_snapshot=None) -> list:
+        """f^{b,r}(x_b) for r = b..L: the outputs of layers b..L given x_b, the input of layer b.
+
+        attn_mask is the forward pass's `BertOutput.attn_mask`. With `rng_snapshot` (from the
+        same forward pass) the dropout masks are those of the forward pass; the global RNG is
+        left as it was, so a second pass never shifts the randomness of later steps.
+        """
+        L = len(self.layers)
+        if not 1 <= b <= L:
+            raise ValueError(f"layer b={b} is outside 1..{L}")
+        with torch.random.fork_rng(devices=[x_b.device] if x_b.device.type == "cuda" else []):
+            if rng_snapshot is not None:
+                cpu_state, cuda_state = rng_snapshot
+                torch.set_rng_state(cpu_state)
+                if cuda_state is not None:
+                    torch.cuda.set_rng_state(cuda_state, x_b.device)
+            outputs, x = [], x_b
+            for layer in self.layers[b - 1:]:
+                x = layer(x, attn_mask)
+                outputs.append(x)
+        return outputs
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, verbose=True) -> "BertModel":
+        from bert.weights import load_pretrained
+        return load_pretrained(name_or_path, num_labels=None, verbose=verbose)
+
+
+@dataclass
+class ClassifierOutput:
+    logits: torch.Tensor                     # (B, num_labels)
+    hidden_states: tuple                     # as BertOutput.hidden_states
+    pooler_output: torch.Tensor              # (B, H)
+    attn_mask: torch.Tensor | None           # (B, 1, 1, T) bool, or None
+    rng_snapshot: object = None
+
+
+class BertClassifier(nn.Module):
+    """BERT + dropout + a linear head on the pooled [CLS] vector (num_labels = 1: regression)."""
+
+    def __init__(self, config: BertConfig, num_labels: int):
+        super().__init__()
+        self.config = config
+        self.num_labels = num_labels
+        self.bert = BertModel(config)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> ClassifierOutput:
+        out = self.bert(input_ids, token_type_ids, attention_mask)
+        logits = self.classifier(self.dropout(out.pooler_output))                 # (B, num_labels)
+        return ClassifierOutput(logits=logits, hidden_states=out.hidden_states,
+                                pooler_output=out.pooler_output, attn_mask=out.attn_mask,
+                                rng_snapshot=out.rng_snapshot)
+
+    def head_from_pooled(self, pooled):
+        """The classifier head alone, for methods that re-run the top of the network."""
+        return self.classifier(self.dropout(pooled))
+
+    def init_head(self, generator: torch.Generator | None = None):
+        """N(0, 0.02^2) weights and zero bias, as the paper (Appendix A) and BERT do.
+
+        A separate generator lets `--init-seed` fix the head without touching other randomness.
+        """
+        with torch.no_grad():
+            w = torch.randn(self.classifier.weight.shape, generator=generator)
+            self.classifier.weight.copy_(w * self.config.initializer_range)
+            self.classifier.bias.zero_()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, num_labels: int, verbose=True) -> "BertClassifier":
+        from bert.weights import load_pretrained
+        return load_pretrained(name_or_path, num_labels=num_labels, verbose=verbose)
+
+    def save_pretrained(self, out_dir, tokenizer=None, label_names=None):
+        from bert.weights import save_pretrained
+        save_pretrained(self, out_dir, tokenizer=tokenizer, label_names=label_names)
+
+
+def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None):
+    """BERT's initialisation for a model built from scratch: N(0, std^2) weights, zero biases,
+    LayerNorm at identity. Used for randomly initialised models (tests, benchmarks)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * std)
+                if isinstance(m, nn.Linear):
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
