@@ -154,15 +154,19 @@ def load_pretrained(name_or_path, num_labels: int | None, verbose: bool = True):
                 report.missing.append(ours)
                 continue
             parts = [tensors[h] for h in hf_names]
-            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             expected = tuple(params[ours].shape)
+            # Q, K and V must each be a third of the fused shape: checked before torch.cat,
+            # which fails on unequal columns and would accept e.g. 400 + 368 + 384 rows.
+            third = (expected[0] // len(parts), *expected[1:])
+            fits = all(tuple(t.shape) == third for t in parts)
+            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0) if fits else None
             if ours.startswith("classifier.") and tuple(value.shape) != expected:
                 report.notes.append(f"checkpoint head {tuple(value.shape)} does not fit "
                                     f"num_labels={num_labels}: a new head is initialised")
                 report.missing.append(ours)
                 used.update(hf_names)
                 continue
-            if tuple(value.shape) != expected:
+            if value is None or tuple(value.shape) != expected:
                 names = " + ".join(raw_names[h] for h in hf_names)
                 shapes = " + ".join(str(tuple(tensors[h].shape)) for h in hf_names)
                 raise InputError(f"{file}: tensor {names} has shape {shapes}, but "
