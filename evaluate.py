@@ -1,0 +1,238 @@
+"""Evaluate fine-tuned runs and summarize many of them the way the paper reports results.
+
+    python evaluate.py runs/RTE/lnsr/seed1                 # re-evaluate a run saved with --save-model
+    python evaluate.py runs/RTE/lnsr/seed1 --split test    # write GLUE test predictions (RTE.tsv)
+    python evaluate.py summarize runs                      # Table 1: mean, std, max over seeds, p-values
+    python evaluate.py summarize runs --json               # the same numbers as JSON
+
+The summary reads every <task>/<method>/seed<N>/results.json below the folder. Per task and
+method it gives n, mean, std (sample standard deviation, ddof = 1), median, min, max of the
+task's main dev metric (in percent, as the paper's tables), and the p-value of Welch's t-test
+(unequal variances) of that method's scores against plain fine-tuning (`ft`). Folders whose
+results.json is missing, unreadable or incomplete are listed and skipped.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bert.errors import InputError
+
+SUBCOMMANDS = ("summarize",)
+PAPER_TASK_ORDER = ["RTE", "MRPC", "CoLA", "STS-B"]
+REQUIRED_KEYS = ("task", "method", "seed", "metric", "dev")
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def read_runs(root: Path):
+    """(runs, problems): every readable results.json below root, and what was wrong elsewhere."""
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder")
+    runs, problems = [], []
+    for config in sorted(root.rglob("config.json")):
+        run_dir = config.parent
+        if run_dir.name == "model":                    # a saved checkpoint's config, not a run
+            continue
+        results = run_dir / "results.json"
+        if (run_dir / "failed.json").exists():
+            try:
+                reason = json.loads((run_dir / "failed.json").read_text())["reason"]
+            except (OSError, ValueError, KeyError):
+                reason = "see failed.json"
+            problems.append(f"{run_dir}: failed ({reason})")
+        elif not results.exists():
+            problems.append(f"{run_dir}: no results.json (unfinished run?)")
+    for results in sorted(root.rglob("results.json")):
+        try:
+            r = json.loads(results.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            problems.append(f"{results}: unreadable ({e})")
+            continue
+        missing = [k for k in REQUIRED_KEYS if not isinstance(r, dict) or k not in r]
+        if missing:
+            problems.append(f"{results}: missing {', '.join(missing)}")
+            continue
+        value = r["dev"].get(r["metric"]) if isinstance(r["dev"], dict) else None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            problems.append(f"{results}: dev[{r['metric']!r}] is not a number")
+            continue
+        r["_value"] = 100.0 * value
+        r["_path"] = str(results)
+        runs.append(r)
+    return runs, problems
+
+
+def welch_p(a, b):
+    """Two-sided p-value of Welch's t-test, or None where it is undefined."""
+    from scipy import stats
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if np.std(a) == 0 and np.std(b) == 0:
+        return None
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def describe(values):
+    v = np.asarray(values, dtype=np.float64)
+    return {"n": int(v.size), "mean": float(v.mean()),
+            "std": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
+            "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
+
+
+def summarize(runs, baseline="ft"):
+    """{task: {method: stats}} with p-values against the baseline method of the same task."""
+    groups = {}
+    for r in runs:
+        groups.setdefault(r["task"], {}).setdefault(r["method"], []).append(r)
+    table = {}
+    for task, by_method in groups.items():
+        base = [r["_value"] for r in by_method.get(baseline, [])]
+        table[task] = {}
+        for method, rs in by_method.items():
+            values = [r["_value"] for r in sorted(rs, key=lambda r: r["seed"])]
+            row = describe(values)
+            row["metric"] = rs[0]["metric"]
+            row["seeds"] = sorted(r["seed"] for r in rs)
+            row["p_vs_" + baseline] = welch_p(values, base) if method != baseline else None
+            row["partial"] = any(r.get("partial") for r in rs)
+            if all("train" in r for r in rs):
+                train = [100.0 * r["train"][r["metric"]] for r in rs]
+                row["train_mean"] = float(np.mean(train))
+                row["gap"] = row["train_mean"] - row["mean"]
+            table[task][method] = row
+    return table
+
+
+def method_order(methods):
+    known = ["ft", "l2sp", "mixout", "smart", "r3f", "noise", "lnsr"]
+    return sorted(methods, key=lambda m: (known.index(m) if m in known else len(known), m))
+
+
+def fmt(x, digits=2):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def fmt_p(p):
+    return "-" if p is None else (f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}")
+
+
+def markdown(table, baseline="ft"):
+    tasks = sorted(table, key=lambda t: (PAPER_TASK_ORDER.index(t) if t in PAPER_TASK_ORDER else 99, t))
+    methods = method_order({m for t in tasks for m in table[t]})
+    lines = ["| method | " + " | ".join(f"{t} mean | {t} std | {t} max" for t in tasks) + " |",
+             "|---|" + "---:|" * (3 * len(tasks))]
+    for m in methods:
+        cells = []
+        for t in tasks:
+            row = table[t].get(m)
+            cells += [fmt(row["mean"]), fmt(row["std"]), fmt(row["max"])] if row else ["", "", ""]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"| task | metric | method | n | mean | std | median | min | max | p vs {baseline} (Welch) |")
+    lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for t in tasks:
+        for m in method_order(table[t]):
+            row = table[t][m]
+            flag = " (partial data)" if row["partial"] else ""
+            lines.append(f"| {t} | {row['metric']} | {m}{flag} | {row['n']} | {fmt(row['mean'])} | "
+                         f"{fmt(row['std'])} | {fmt(row['median'])} | {fmt(row['min'])} | "
+                         f"{fmt(row['max'])} | {fmt_p(row['p_vs_' + baseline])} |")
+    if any("gap" in row for t in tasks for row in table[t].values()):
+        lines += ["", "| task | method | train | eval | gap |", "|---|---|---:|---:|---:|"]
+        for t in tasks:
+            for m in method_order(table[t]):
+                row = table[t][m]
+                if "gap" in row:
+                    lines.append(f"| {t} | {m} | {fmt(row['train_mean'])} | {fmt(row['mean'])} | {fmt(row['gap'])} |")
+    return "\n".join(lines)
+
+
+def cmd_summarize(argv):
+    p = argparse.ArgumentParser(prog="evaluate.py summarize",
+                                description="Mean, std, median, min, max and Welch p-values over seeds.")
+    p.add_argument("dir", help="a folder of runs (train.py --output-dir)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    p.add_argument("--baseline", default="ft", help="method the p-values compare against")
+    args = p.parse_args(argv)
+    runs, problems = read_runs(Path(args.dir))
+    for line in problems:
+        print(f"skipped: {line}", file=sys.stderr)
+    if not runs:
+        raise InputError(f"{args.dir}: no readable results.json below this folder")
+    table = summarize(runs, args.baseline)
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        print(markdown(table, args.baseline))
+    return 0
+
+
+# ----------------------------------------------------------------------------- one run
+
+def cmd_run(argv):
+    p = argparse.ArgumentParser(prog="evaluate.py",
+                                description="Re-evaluate a run saved with train.py --save-model. "
+                                            "Other commands: " + ", ".join(SUBCOMMANDS) + ".")
+    p.add_argument("run_dir", help="a run folder (<output-dir>/<task>/<method>/seed<N>)")
+    p.add_argument("--split", choices=["dev", "test"], default="dev",
+                   help="dev: print the metrics; test: write GLUE predictions into <run>/predictions")
+    p.add_argument("--data-dir", default=None, help="GLUE data folder (default: the run's own setting)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = p.parse_args(argv)
+
+    import torch
+    import glue
+    from bert.model import BertClassifier
+    from bert.tokenizer import Tokenizer
+    from train import pick_device, predict
+
+    run_dir = Path(args.run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{run_dir}: not a run folder (no config.json)")
+    try:
+        settings = json.loads(config_path.read_text())["settings"]
+    except (ValueError, KeyError) as e:
+        raise InputError(f"{config_path}: unreadable ({e})") from None
+    model_dir = run_dir / "model"
+    if not (model_dir / "model.safetensors").is_file():
+        raise InputError(f"{run_dir}: no saved model (train with --save-model to keep one)")
+    spec = glue.get_task(settings["task"])
+    device = pick_device(args.device)
+    model = BertClassifier.from_pretrained(model_dir, num_labels=spec.num_labels, verbose=False).to(device)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    data_dir = args.data_dir or settings.get("data_dir")
+    glue.ensure_task_data(spec.name, data_dir)
+    precision = settings.get("precision", "fp32")
+    for s in spec.dev_splits if args.split == "dev" else spec.test_splits:
+        examples = glue.load_examples(spec.name, s, data_dir)
+        features = glue.encode(examples, tokenizer, settings.get("max_seq_length", 128))
+        with torch.no_grad():
+            preds = predict(model, features, args.batch_size, device, precision)
+        if args.split == "dev":
+            metrics = glue.compute_metrics(spec.name, preds, features.labels)
+            print(json.dumps({"task": spec.name, "split": s, **metrics}, indent=2))
+        else:
+            path = glue.write_test_predictions(spec.name, preds, examples, run_dir / "predictions", split=s)
+            print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "summarize":
+            return cmd_summarize(argv[1:])
+        return cmd_run(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The interface every fine-tuning method implements: a penalty added to the task loss.
+
+The training loop (train.py) does, for every batch,
+
+    outputs = model(**inputs)                     # one clean forward pass
+    loss = task_loss(outputs.logits, labels) + method.penalty(model, batch, outputs)
+    loss.backward(); clip; optimizer.step(); method.after_step(model); scheduler.step()
+
+and calls `method.setup(model, seed)` once before the first step. It knows nothing else about
+the method, so a new method is one new file with a `Regularizer` subclass and one line in
+regularizers/__init__.py.
+
+A method's hyperparameters live in a dataclass named by its `Options` attribute. train.py turns
+each field into a typed command-line flag `--<method>-<field>` (underscores become dashes) with
+the field's `help` metadata as its --help text, and records the values in the run's config.json.
+Validate values in the dataclass's `__post_init__` and raise `InputError` with one clear line.
+"""
+import torch
+
+
+class Regularizer:
+    name = "ft"           # the name used on the command line and in run folders
+    Options = None        # a dataclass type holding the method's hyperparameters, or None
+
+    def __init__(self, options=None):
+        self.options = options
+
+    def setup(self, model, seed: int) -> None:
+        """Called once, after the pretrained model is loaded and before training.
+
+        `seed` is the run's seed, for any randomness the method draws (noise, masks).
+        """
+
+    def penalty(self, model, batch: dict, outputs) -> torch.Tensor | None:
+        """The term added to the task loss for this batch (None: nothing to add).
+
+        `batch` holds the batch's tensors (input_ids, token_type_ids, attention_mask, labels);
+        `outputs` is what the clean forward pass returned (logits, hidden_states, ...), so a
+        method can reuse it instead of running the model again.
+        """
+        return None
+
+    def after_step(self, model) -> None:
+        """Called after each optimizer step (e.g. to update a moving-average teacher)."""
+
+
+class FineTune(Regularizer):
+    """Plain fine-tuning (Devlin et al., 2019): the task loss alone."""
+    name = "ft"
+

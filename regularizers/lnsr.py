@@ -1,0 +1,115 @@
+"""LNSR: Layer-wise Noise Stability Regularization (Hua et al., Section 3.1, Algorithm 1).
+
+With x^b the input of layer b (b = 1: the embedding output) and f^{b,r} the layers b..r,
+
+    eps ~ N(0, sigma^2)  element-wise, same shape as x^b                     (Alg. 1, line 6)
+    R = sum_{r=b..L} lambda_r * || f^{b,r}(x^b + eps) - f^{b,r}(x^b) ||^2     (Eq. 2, line 10)
+
+per example, averaged over the batch (line 13), and added to the task loss. The paper uses
+b = 1 and lambda_r = 1 for every r (Sections 4.4 and 5.4).
+
+How the code maps to it:
+- f^{b,r}(x^b) for r = b..L are the clean forward pass's hidden states, reused: only the noisy
+  branch f^{b,r}(x^b + eps) runs layers b..L a second time.
+- Gradients flow through both branches; the formula has no stop-gradient.
+- Both branches see the same dropout masks (the forward pass records the RNG state before layer
+  b and the noisy pass replays it), so R measures the injected noise and nothing else: with
+  sigma = 0 it is exactly 0, in training mode too.
+- Padding positions are masked out of the norm.
+- `reduction="sum"` is the squared L2 norm over all real tokens and hidden units, as written in
+  Eq. 2; `"mean"` divides it by (real tokens x H), which makes a sigma carry over between models
+  of different width and between short and long inputs.
+- sigma is absolute, or with `relative_sigma` a fraction of each token's hidden-state scale:
+  sigma_t = relative_sigma * ||x^b_t|| / sqrt(H), so that ||eps_t|| ~ relative_sigma * ||x^b_t||
+  (the 5%-of-the-norm noise of the paper's Figure 1 is relative_sigma = 0.05).
+The paper gives no numeric sigma; the default below comes from the sweep in docs/SIGMA_SWEEP.md.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from bert.errors import InputError
+from regularizers.base import Regularizer
+
+
+@dataclass
+class LNSROptions:
+    layer: int = field(default=1, metadata={
+        "help": "b, the layer whose input receives the noise (1 = the embedding output; 1..L)"})
+    sigma: float = field(default=0.01, metadata={
+        "help": "standard deviation of the Gaussian noise eps (absolute)"})
+    relative_sigma: float | None = field(default=None, metadata={
+        "help": "if set, noise std per token = this * ||x_b|| / sqrt(H) (overrides --lnsr-sigma)"})
+    weights: str = field(default="1", metadata={
+        "help": "lambda_r for r = b..L: one number for all layers, or L-b+1 comma-separated numbers"})
+    reduction: str = field(default="sum", metadata={
+        "help": "'sum': squared L2 norm over tokens and hidden units, as in Eq. 2; "
+                "'mean': the same divided by (tokens x H)"})
+
+    def __post_init__(self):
+        if self.sigma < 0:
+            raise InputError(f"--lnsr-sigma must be >= 0, got {self.sigma}")
+        if self.relative_sigma is not None and self.relative_sigma < 0:
+            raise InputError(f"--lnsr-relative-sigma must be >= 0, got {self.relative_sigma}")
+        if self.layer < 1:
+            raise InputError(f"--lnsr-layer must be >= 1, got {self.layer}")
+        if self.reduction not in ("sum", "mean"):
+            raise InputError(f"--lnsr-reduction must be 'sum' or 'mean', got {self.reduction!r}")
+        try:
+            self.lambdas = [float(w) for w in str(self.weights).split(",")]
+        except ValueError:
+            raise InputError(f"--lnsr-weights: expected numbers separated by commas, got {self.weights!r}") from None
+        if any(w < 0 for w in self.lambdas):
+            raise InputError(f"--lnsr-weights must be >= 0, got {self.weights}")
+
+
+def sample_noise(x_b, sigma, relative_sigma, generator):
+    """eps ~ N(0, sigma^2) element-wise, or scaled per token by the hidden state's norm."""
+    eps = torch.randn(x_b.shape, generator=generator, device=x_b.device, dtype=x_b.dtype)
+    if relative_sigma is None:
+        return eps * sigma
+    H = x_b.shape[-1]
+    token_scale = x_b.detach().norm(dim=-1, keepdim=True) / H ** 0.5           # (B, T, 1)
+    return eps * (relative_sigma * token_scale)
+
+
+def stability_distance(noisy, clean, token_mask, reduction):
+    """|| noisy - clean ||^2 per example over real tokens and hidden units: (B, T, H) -> (B,)."""
+    squared = (noisy - clean).float().pow(2) * token_mask                      # (B, T, H)
+    per_example = squared.sum(dim=(1, 2))                                     # (B,)
+    if reduction == "mean":
+        per_example = per_example / (token_mask.sum(dim=(1, 2)) * noisy.shape[-1])
+    return per_example
+
+
+class LNSR(Regularizer):
+    name = "lnsr"
+    Options = LNSROptions
+
+    def setup(self, model, seed):
+        o = self.options
+        L = model.config.num_hidden_layers
+        if not 1 <= o.layer <= L:
+            raise InputError(f"--lnsr-layer {o.layer} is outside 1..{L} for this {L}-layer model")
+        n = L - o.layer + 1
+        self.lambdas = o.lambdas * n if len(o.lambdas) == 1 else o.lambdas
+        if len(self.lambdas) != n:
+            raise InputError(f"--lnsr-weights has {len(o.lambdas)} values; layers {o.layer}..{L} "
+                             f"need 1 or {n}")
+        model.bert.rng_snapshot_layer = o.layer          # replay dropout in the noisy pass
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def penalty(self, model, batch, outputs):
+        b = self.options.layer
+        x_b = outputs.hidden_states[b - 1]                                      # (B, T, H)
+        eps = sample_noise(x_b, self.options.sigma, self.options.relative_sigma, self.generator)
+        noisy = model.bert.run_layers(x_b + eps, outputs.attn_mask, b,            # f^{b,r}(x^b + eps)
+                                      rng_snapshot=outputs.rng_snapshot)
+        clean = outputs.hidden_states[b:]                                         # f^{b,r}(x^b)
+        token_mask = batch["attention_mask"][:, :, None].to(x_b.dtype)            # (B, T, 1)
+        R = 0.0
+        for lambda_r, noisy_r, clean_r in zip(self.lambdas, noisy, clean):
+            R = R + lambda_r * stability_distance(noisy_r, clean_r, token_mask, self.options.reduction)
+        return R.mean()                                                           # over the batch

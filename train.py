@@ -1,0 +1,463 @@
+"""Fine-tune BERT on a GLUE task with LNSR or a baseline: the paper's Algorithm 1, end to end.
+
+    python train.py --task cola                                  # the paper's setup (BERT-Large, LNSR)
+    python train.py --task rte --model minilm-l6 --methods ft,lnsr --seeds 1-3   # CPU quick start
+
+For every (method, seed) the run goes to <output-dir>/<task>/<method>/seed<N>/ with config.json,
+log.jsonl and results.json (see README.md). A run whose results.json exists is skipped, so a
+sweep that was stopped picks up where it left off.
+
+The loop, per batch (Algorithm 1, lines 3-14):
+    outputs = model(batch)                                   one clean forward pass
+    loss = task_loss(outputs.logits, labels) + method.penalty(model, batch, outputs)
+    loss.backward(); clip the gradient norm at 1.0; optimizer step; scheduler step
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import glue
+import optim
+import regularizers
+from bert.errors import InputError
+
+PAPER_MODEL = "bert-large-uncased-whole-word-masking"
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_seeds(text: str) -> list:
+    """'1-25' -> [1..25]; '1,3,5' -> [1, 3, 5]; '1-3,7' -> [1, 2, 3, 7]."""
+    seeds = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                lo, hi = int(lo), int(hi)
+                if hi < lo:
+                    raise ValueError
+                seeds.extend(range(lo, hi + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise InputError(f"--seeds: cannot read {text!r} (examples: 1-25, 1,3,5, 1-3,7)") from None
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"--seeds: {text!r} names a seed twice")
+    return seeds
+
+
+def option_fields(method_cls):
+    return dataclasses.fields(method_cls.Options) if method_cls.Options else ()
+
+
+def flag_type(field):
+    """int, float, str, bool or 'X | None' annotations -> an argparse type."""
+    t = field.type if not isinstance(field.type, str) else eval(field.type, {})  # noqa: S307
+    if isinstance(t, types.UnionType):
+        t = next(a for a in t.__args__ if a is not type(None))
+    return t
+
+
+def add_method_flags(parser):
+    """One typed flag per hyperparameter of every registered method: --<method>-<field>."""
+    for name in regularizers.METHODS:
+        cls = regularizers.method_class(name)
+        fields = option_fields(cls)
+        if not fields:
+            continue
+        doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
+        group = parser.add_argument_group(f"{name} options", doc.strip().splitlines()[0])
+        for f in fields:
+            t = flag_type(f)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            flag = f"--{name}-{f.name.replace('_', '-')}"
+            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            if t is bool:
+                group.add_argument(flag, dest=f"{name}__{f.name}", default=default,
+                                   action=argparse.BooleanOptionalAction, help=help_text)
+            else:
+                group.add_argument(flag, dest=f"{name}__{f.name}", type=t, default=default,
+                                   metavar=t.__name__.upper(), help=help_text)
+
+
+def method_options(name, args):
+    cls = regularizers.method_class(name)
+    if not cls.Options:
+        return cls, None
+    values = {f.name: getattr(args, f"{name}__{f.name}") for f in option_fields(cls)}
+    return cls, cls.Options(**values)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Fine-tune BERT on a GLUE task with LNSR (Hua et al.) or a baseline. "
+                    "Defaults reproduce the paper's setup (Section 4.3).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", required=True,
+                   help="GLUE task: cola, mrpc, rte, sts-b (the paper's), or sst-2, qnli, qqp, mnli, wnli")
+    p.add_argument("--model", default=PAPER_MODEL,
+                   help="a checkpoint folder in Hugging Face layout, a Hub repo id, or a preset: "
+                        "bert-large-uncased-whole-word-masking (the paper's), bert-large-uncased, "
+                        "bert-base-uncased, minilm-l6 (small, offline, for CPUs)")
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--method", help="one method: " + ", ".join(regularizers.METHODS) + " (default: lnsr)")
+    m.add_argument("--methods", help="several methods, comma-separated, run one after another")
+    s = p.add_mutually_exclusive_group()
+    s.add_argument("--seed", type=int, help="the seed of a single run; it fixes head init, data order, "
+                                            "dropout and noise (default: 1)")
+    s.add_argument("--seeds", help="several seeds: 1-25, 1,3,5 or 1-3,7")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed for data order and subsets only (default: --seed)")
+    p.add_argument("--init-seed", type=int, default=None,
+                   help="seed for the classifier head's initialisation only (default: --seed)")
+    p.add_argument("--epochs", type=float, default=3, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay")
+    p.add_argument("--optimizer", choices=["adam", "adamw"], default="adam",
+                   help="adam: Adam without bias correction (the paper's); adamw: torch.optim.AdamW")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--max-seq-length", type=int, default=128, help="truncate inputs to this many tokens")
+    p.add_argument("--data-dir", default=None,
+                   help="GLUE data folder with <Task>/train.tsv etc. (default: $GLUE_DIR or data/glue; "
+                        "missing tasks are downloaded)")
+    p.add_argument("--output-dir", default="runs", help="where run folders are written")
+    p.add_argument("--save-model", action="store_true",
+                   help="save the fine-tuned model (HF layout) in <run>/model for evaluate.py")
+    p.add_argument("--max-train-samples", type=int, default=None,
+                   help="train on a seeded random subset of this many examples (quick runs)")
+    p.add_argument("--train-fraction", type=float, default=None,
+                   help="train on a seeded random fraction of the training set (few-sample runs)")
+    p.add_argument("--max-eval-samples", type=int, default=None,
+                   help="evaluate on a seeded random subset of this many dev examples")
+    p.add_argument("--eval-train", action="store_true",
+                   help="also report the metric on the training set at the end (generalization gap)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when available")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: bfloat16 autocast for matrix products (weights and optimizer stay fp32)")
+    p.add_argument("--log-every", type=int, default=20, help="write a log.jsonl line every N steps")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_method_flags(p)
+    return p
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def write_json(path: Path, obj):
+    """Write, then rename: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def versions():
+    import tokenizers
+    v = {"python": platform.python_version(), "torch": torch.__version__,
+         "tokenizers": tokenizers.__version__, "platform": platform.platform()}
+    try:
+        import subprocess
+        v["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                         cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        v["git_commit"] = None
+    return v
+
+
+def format_seconds(s):
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """One updating status line on a terminal; a plain line every 30 s in a log file."""
+
+    def __init__(self, total, prefix):
+        self.total, self.prefix, self.start = total, prefix, time.time()
+        self.tty = sys.stderr.isatty()
+        self.last_print = 0.0
+
+    def update(self, step, **fields):
+        now = time.time()
+        if not self.tty and now - self.last_print < 30 and step < self.total:
+            return
+        self.last_print = now
+        elapsed = now - self.start
+        eta = elapsed / step * (self.total - step) if step else 0
+        info = " ".join(f"{k} {v}" for k, v in fields.items())
+        line = (f"{self.prefix} step {step}/{self.total} {info} "
+                f"elapsed {format_seconds(elapsed)} eta {format_seconds(eta)}")
+        if self.tty:
+            print("\r" + line.ljust(120)[:160], end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def task_loss(logits, labels, is_regression):
+    if is_regression:          # STS-B: MSE between a (B,) prediction and a (B,) target
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+@torch.no_grad()
+def predict(model, features, batch_size, device, precision):
+    """Predictions in the order of `features`: class ids, or scores for regression."""
+    model.eval()
+    n = len(features.input_ids)
+    out = [None] * n
+    for batch in glue.batches(features, batch_size, seed=None):
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            logits = model(*(batch[k] for k in MODEL_INPUTS)).logits.float()
+        preds = logits.squeeze(-1) if model.num_labels == 1 else logits.argmax(-1)
+        for i, p in zip(batch["example_ids"].tolist(), preds.tolist()):
+            out[i] = p
+    return out
+
+
+def autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def evaluate(model, features, task, batch_size, device, precision):
+    preds = predict(model, features, batch_size, device, precision)
+    return glue.compute_metrics(task, preds, features.labels)
+
+
+# ----------------------------------------------------------------------------- one run
+
+def select_subset(features, n=None, fraction=None, seed=0):
+    """A seeded random subset of the features (same seed -> same subset)."""
+    total = len(features.input_ids)
+    if n is None and fraction is None:
+        return features
+    k = n if n is not None else max(1, round(fraction * total))
+    if k >= total:
+        return features
+    g = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(total, generator=g)[:k].tolist())
+    return dataclasses.replace(
+        features, input_ids=[features.input_ids[i] for i in keep],
+        token_type_ids=[features.token_type_ids[i] for i in keep],
+        labels=[features.labels[i] for i in keep])
+
+
+def train_one(args, spec, method_name, seed, data, run_dir: Path):
+    """Fine-tune one model; write config.json, log.jsonl and results.json into run_dir."""
+    from bert.model import BertClassifier
+
+    data_seed = args.data_seed if args.data_seed is not None else seed
+    init_seed = args.init_seed if args.init_seed is not None else seed
+    method_cls, options = method_options(method_name, args)
+    train = select_subset(data.train, args.max_train_samples, args.train_fraction, data_seed)
+    dev = select_subset(data.dev, args.max_eval_samples, None, data_seed)
+
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("method", "methods", "seed", "seeds", "output_dir", "threads", "log_every")
+                and "__" not in k}
+    settings.update(task=spec.name, method=method_name, seed=seed, data_seed=data_seed,
+                    init_seed=init_seed, method_options=dataclasses.asdict(options) if options else {},
+                    n_train=len(train.input_ids), n_dev=len(dev.input_ids))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("results.json", "failed.json", "log.jsonl"):
+        (run_dir / stale).unlink(missing_ok=True)
+    write_json(run_dir / "config.json", {"settings": settings, "versions": versions()})
+
+    device = data.device
+    torch.manual_seed(seed)                           # dropout and anything else unseeded
+    model = BertClassifier.from_pretrained(data.model_dir, num_labels=spec.num_labels, verbose=False)
+    model.init_head(torch.Generator().manual_seed(init_seed))
+    model.to(device)
+    method = method_cls(options)
+    method.setup(model, seed)
+
+    steps_per_epoch = math.ceil(len(train.input_ids) / args.batch_size)
+    total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
+    optimizer = optim.make_optimizer(model, args.optimizer, args.lr, args.weight_decay)
+    scheduler = optim.linear_warmup_decay(optimizer, total_steps, args.warmup)
+    progress = Progress(total_steps, f"[{spec.name} {method_name} seed {seed}]")
+    log = open(run_dir / "log.jsonl", "w", encoding="utf-8")
+
+    model.train()
+    start, step, epoch = time.time(), 0, 0
+    # Sums kept on the device and read every --log-every steps: no host sync per step.
+    sum_loss = torch.zeros((), device=device)
+    sum_penalty = torch.zeros((), device=device)
+    since_log = 0
+    while step < total_steps:
+        for batch in glue.batches(train, args.batch_size, seed=data_seed, epoch=epoch, bucket=False):
+            if step >= total_steps:
+                break
+            batch = to_device(batch, device)
+            with autocast(device, args.precision):
+                outputs = model(*(batch[k] for k in MODEL_INPUTS))
+                loss = task_loss(outputs.logits, batch["labels"], spec.is_regression)
+                penalty = method.penalty(model, batch, outputs)
+            total = loss if penalty is None else loss + penalty
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            method.after_step(model)
+            scheduler.step()
+            step += 1
+            since_log += 1
+            sum_loss += loss.detach()
+            if penalty is not None:
+                sum_penalty += penalty.detach()
+            if step % args.log_every == 0 or step == total_steps:
+                mean_loss = sum_loss.item() / since_log
+                mean_penalty = sum_penalty.item() / since_log
+                if not (math.isfinite(mean_loss) and math.isfinite(mean_penalty)):
+                    log.close()
+                    progress.close()
+                    reason = (f"loss became {mean_loss} (penalty {mean_penalty}) by step {step}; "
+                              "try a smaller --lr or noise scale")
+                    write_json(run_dir / "failed.json", {"status": "failed", "step": step, "reason": reason})
+                    raise RunFailed(reason)
+                lr = scheduler.get_last_lr()[0]
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": mean_loss,
+                          "penalty": mean_penalty, "lr": lr, "elapsed": round(time.time() - start, 2)}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                progress.update(step, loss=f"{mean_loss:.4f}", penalty=f"{mean_penalty:.4g}", lr=f"{lr:.2e}")
+                sum_loss.zero_()
+                sum_penalty.zero_()
+                since_log = 0
+        epoch += 1
+    progress.close()
+    log.close()
+    train_seconds = time.time() - start
+
+    dev_metrics = evaluate(model, dev, spec.name, args.eval_batch_size, device, args.precision)
+    results = {"task": spec.name, "method": method_name, "seed": seed, "metric": spec.main_metric,
+               "dev": dev_metrics, "train_seconds": round(train_seconds, 2), "steps": total_steps,
+               "n_train": len(train.input_ids), "n_dev": len(dev.input_ids),
+               "partial": bool(args.max_train_samples or args.train_fraction or args.max_eval_samples),
+               "max_train_samples": args.max_train_samples, "train_fraction": args.train_fraction,
+               "max_eval_samples": args.max_eval_samples, "method_options": settings["method_options"]}
+    if args.eval_train:
+        results["train"] = evaluate(model, train, spec.name, args.eval_batch_size, device, args.precision)
+    if args.save_model:
+        model.save_pretrained(run_dir / "model", tokenizer=data.tokenizer, label_names=spec.label_names)
+    write_json(run_dir / "results.json", results)
+    return results
+
+
+class RunFailed(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available (use --device cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # TF32 tensor cores for fp32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def load_data(args, spec, device):
+    """Tokenize once for the whole grid of runs."""
+    from bert.hub import resolve
+    from bert.tokenizer import Tokenizer
+    model_dir = resolve(args.model)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    data_dir = args.data_dir
+    glue.ensure_task_data(spec.name, data_dir)       # downloads the task when its files are missing
+    train = glue.encode(glue.load_examples(spec.name, "train", data_dir), tokenizer, args.max_seq_length)
+    dev = glue.encode(glue.load_examples(spec.name, "dev", data_dir), tokenizer, args.max_seq_length)
+    return types.SimpleNamespace(train=train, dev=dev, tokenizer=tokenizer, model_dir=model_dir, device=device)
+
+
+def check_args(args):
+    if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise InputError(f"--output-dir {args.output_dir} exists and is not a folder")
+    for name in ("epochs", "batch_size", "eval_batch_size", "lr", "max_seq_length", "log_every"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.max_seq_length > 512:
+        raise InputError(f"--max-seq-length {args.max_seq_length}: BERT has 512 positions at most")
+    if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
+        raise InputError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be > 0")
+    if not 0 <= args.warmup < 1:
+        raise InputError(f"--warmup must be in [0, 1), got {args.warmup}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        spec = glue.get_task(args.task)
+        methods = [m.strip() for m in (args.methods or args.method or "lnsr").split(",") if m.strip()]
+        for m in methods:
+            method_options(m, args)               # unknown names and bad values fail before any work
+        seeds = parse_seeds(args.seeds) if args.seeds else [args.seed if args.seed is not None else 1]
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = pick_device(args.device)
+        runs = [(m, s) for m in methods for s in seeds]
+        todo = [(m, s) for m, s in runs
+                if not (Path(args.output_dir) / spec.name / m / f"seed{s}" / "results.json").exists()]
+        if len(todo) < len(runs):
+            print(f"{len(runs) - len(todo)} of {len(runs)} runs already have results.json: skipped",
+                  file=sys.stderr)
+        if not todo:
+            return 0
+        data = load_data(args, spec, device)
+        failed = 0
+        for i, (method_name, seed) in enumerate(todo, 1):
+            run_dir = Path(args.output_dir) / spec.name / method_name / f"seed{seed}"
+            print(f"run {i}/{len(todo)}: {spec.name} {method_name} seed {seed} -> {run_dir}", file=sys.stderr)
+            try:
+                r = train_one(args, spec, method_name, seed, data, run_dir)
+            except RunFailed as e:
+                print(f"run failed: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            main_value = r["dev"][r["metric"]]
+            print(f"  dev {r['metric']} = {main_value:.4f}  ({r['train_seconds']:.0f} s)", file=sys.stderr)
+        return 1 if failed else 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
