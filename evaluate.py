@@ -196,7 +196,8 @@ def cmd_run(argv):
     if not config_path.is_file():
         raise InputError(f"{run_dir}: not a run folder (no config.json)")
     try:
-        settings = json.loads(config_path.read_text())["settings"]
+        config = json.loads(config_path.read_text())
+        settings = config["settings"]
     except (ValueError, KeyError) as e:
         raise InputError(f"{config_path}: unreadable ({e})") from None
     model_dir = run_dir / "model"
@@ -206,7 +207,7 @@ def cmd_run(argv):
     device = pick_device(args.device)
     model = BertClassifier.from_pretrained(model_dir, num_labels=spec.num_labels, verbose=False).to(device)
     tokenizer = Tokenizer.from_dir(model_dir)
-    data_dir = args.data_dir or settings.get("data_dir")
+    data_dir = args.data_dir or config.get("data_dir")
     glue.ensure_task_data(spec.name, data_dir)
     precision = settings.get("precision", "fp32")
     for s in spec.dev_splits if args.split == "dev" else spec.test_splits:

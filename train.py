@@ -266,26 +266,51 @@ def select_subset(features, n=None, fraction=None, seed=0):
         labels=[features.labels[i] for i in keep])
 
 
+# Flags that do not change what a run computes.
+NOT_SETTINGS = ("method", "methods", "seed", "seeds", "output_dir", "threads", "log_every", "save_model",
+                "data_dir")
+
+
+def run_settings(args, spec, method_name, seed) -> dict:
+    """Everything that defines one run's result, as recorded in its config.json."""
+    _, options = method_options(method_name, args)
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS and "__" not in k}
+    settings.update(task=spec.name, method=method_name, seed=seed,
+                    data_seed=args.data_seed if args.data_seed is not None else seed,
+                    init_seed=args.init_seed if args.init_seed is not None else seed,
+                    method_options=dataclasses.asdict(options) if options else {})
+    return settings
+
+
+def check_finished_run(run_dir: Path, settings: dict):
+    """A finished run is only skipped when it was made with the same settings."""
+    try:
+        old = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError):
+        raise InputError(f"{run_dir}: has results.json but no readable config.json; "
+                         "delete the folder to run it again") from None
+    differ = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items()
+              if json.loads(json.dumps(old.get(k), default=str)) != json.loads(json.dumps(v, default=str))]
+    if differ:
+        raise InputError(f"{run_dir} holds a finished run with other settings ({'; '.join(differ[:3])}); "
+                         "use another --output-dir")
+
+
 def train_one(args, spec, method_name, seed, data, run_dir: Path):
     """Fine-tune one model; write config.json, log.jsonl and results.json into run_dir."""
     from bert.model import BertClassifier
 
-    data_seed = args.data_seed if args.data_seed is not None else seed
-    init_seed = args.init_seed if args.init_seed is not None else seed
+    settings = run_settings(args, spec, method_name, seed)
+    data_seed, init_seed = settings["data_seed"], settings["init_seed"]
     method_cls, options = method_options(method_name, args)
     train = select_subset(data.train, args.max_train_samples, args.train_fraction, data_seed)
     dev = select_subset(data.dev, args.max_eval_samples, None, data_seed)
-
-    settings = {k: v for k, v in vars(args).items()
-                if k not in ("method", "methods", "seed", "seeds", "output_dir", "threads", "log_every")
-                and "__" not in k}
-    settings.update(task=spec.name, method=method_name, seed=seed, data_seed=data_seed,
-                    init_seed=init_seed, method_options=dataclasses.asdict(options) if options else {},
-                    n_train=len(train.input_ids), n_dev=len(dev.input_ids))
+    settings.update(n_train=len(train.input_ids), n_dev=len(dev.input_ids))
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("results.json", "failed.json", "log.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
-    write_json(run_dir / "config.json", {"settings": settings, "versions": versions()})
+    write_json(run_dir / "config.json", {"settings": settings, "data_dir": args.data_dir,
+                                         "versions": versions()})
 
     device = data.device
     torch.manual_seed(seed)                           # dropout and anything else unseeded
@@ -429,8 +454,13 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         device = pick_device(args.device)
         runs = [(m, s) for m in methods for s in seeds]
-        todo = [(m, s) for m, s in runs
-                if not (Path(args.output_dir) / spec.name / m / f"seed{s}" / "results.json").exists()]
+        todo = []
+        for m, s in runs:
+            run_dir = Path(args.output_dir) / spec.name / m / f"seed{s}"
+            if (run_dir / "results.json").exists():
+                check_finished_run(run_dir, run_settings(args, spec, m, s))
+            else:
+                todo.append((m, s))
         if len(todo) < len(runs):
             print(f"{len(runs) - len(todo)} of {len(runs)} runs already have results.json: skipped",
                   file=sys.stderr)

@@ -130,7 +130,6 @@ def load_pretrained(name_or_path, num_labels: int | None, verbose: bool = True):
 
     model = BertModel(config) if num_labels is None else BertClassifier(config, num_labels)
     bert = model if num_labels is None else model.bert
-    init_weights(model, config.initializer_range)   # what stays uncovered gets BERT's init
     report = LoadReport(folder=str(folder))
 
     tensors, raw_names = {}, {}
@@ -182,6 +181,7 @@ def load_pretrained(name_or_path, num_labels: int | None, verbose: bool = True):
         shown = ", ".join(encoder_missing[:6]) + (f" and {len(encoder_missing) - 6} more" if len(encoder_missing) > 6 else "")
         raise InputError(f"{file}: missing encoder weights: {shown}")
     if any(".pooler." in f".{m}" for m in report.missing):
+        init_weights(bert.pooler, config.initializer_range)     # BERT's init for what is absent
         report.notes.append("the checkpoint has no pooler: pooler.dense starts from N(0, 0.02^2)")
     if num_labels is not None and "classifier.weight" in report.missing:
         model.init_head()
