@@ -51,11 +51,12 @@ class AdamNoBiasCorrection(torch.optim.Optimizer):
 def parameter_groups(model, weight_decay):
     """Decay every weight matrix; not biases and LayerNorm weights (as BERT does)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_norm = "norm" in name.lower()
-        (no_decay if name.endswith("bias") or is_norm else decay).append(p)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            exempt = name == "bias" or isinstance(module, torch.nn.LayerNorm)
+            (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

