@@ -155,7 +155,7 @@ def build_parser():
     return p
 
 
-# ----------------------------------------------------------------------------- small helpers
+# ----------------------------------------------------------------------------- utilities
 
 def write_json(path: Path, obj):
     """Write, then rename: a reader never sees half a file."""

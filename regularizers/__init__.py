@@ -8,6 +8,11 @@ from bert.errors import InputError
 METHODS = {
     "ft": "regularizers.base:FineTune",
     "lnsr": "regularizers.lnsr:LNSR",
+    "l2sp": "regularizers.l2sp:L2SP",
+    "mixout": "regularizers.mixout:Mixout",
+    "smart": "regularizers.smart:SMART",
+    "noise": "regularizers.noise:FTNoise",
+    "r3f": "regularizers.r3f:R3F",
 }
 
 
