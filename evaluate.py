@@ -32,7 +32,7 @@ def read_runs(root: Path):
     """(runs, problems): every readable results.json below root, and what was wrong elsewhere."""
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
-    runs, problems = [], []
+    runs, problems, seen = [], [], {}
     for config in sorted(root.rglob("config.json")):
         run_dir = config.parent
         if run_dir.name == "model":                    # a saved checkpoint's config, not a run
@@ -61,7 +61,12 @@ def read_runs(root: Path):
             problems.append(f"{results}: dev[{r['metric']!r}] is not a number")
             continue
         r["_value"] = 100.0 * value
-        r["_path"] = str(results)
+        r["_options"] = json.dumps(r.get("method_options") or {}, sort_keys=True)
+        key = (r["task"], r["method"], r["_options"], r["seed"])
+        if key in seen:
+            problems.append(f"{results}: the same task, method, options and seed as {seen[key]}; not counted twice")
+            continue
+        seen[key] = results.parent
         runs.append(r)
     return runs, problems
 
@@ -83,33 +88,54 @@ def describe(values):
             "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
 
 
+def variant_labels(runs):
+    """Row labels: the method's name, plus the options that differ where one method was run
+    with several settings (a sigma sweep, say), so different settings never share a row."""
+    by_method = {}
+    for r in runs:
+        by_method.setdefault((r["task"], r["method"]), set()).add(r["_options"])
+    labels = {}
+    for (task, method), variants in by_method.items():
+        dicts = {v: json.loads(v) for v in variants}
+        keys = sorted({k for d in dicts.values() for k in d
+                       if len({json.dumps(x.get(k)) for x in dicts.values()}) > 1})
+        for v, d in dicts.items():
+            labels[(task, method, v)] = method + (" (" + ", ".join(f"{k}={d.get(k)}" for k in keys) + ")"
+                                                  if keys else "")
+    return labels
+
+
 def summarize(runs, baseline="ft"):
-    """{task: {method: stats}} with p-values against the baseline method of the same task."""
+    """{task: {row label: stats}} with p-values against the baseline method of the same task."""
+    labels = variant_labels(runs)
     groups = {}
     for r in runs:
-        groups.setdefault(r["task"], {}).setdefault(r["method"], []).append(r)
+        label = labels[(r["task"], r["method"], r["_options"])]
+        groups.setdefault(r["task"], {}).setdefault(label, []).append(r)
     table = {}
-    for task, by_method in groups.items():
-        base = [r["_value"] for r in by_method.get(baseline, [])]
+    for task, by_label in groups.items():
+        base_label = next((lab for lab in by_label if by_label[lab][0]["method"] == baseline), None)
+        base = [r["_value"] for r in by_label[base_label]] if base_label else []
         table[task] = {}
-        for method, rs in by_method.items():
+        for label, rs in by_label.items():
             values = [r["_value"] for r in sorted(rs, key=lambda r: r["seed"])]
             row = describe(values)
             row["metric"] = rs[0]["metric"]
             row["seeds"] = sorted(r["seed"] for r in rs)
-            row["p_vs_" + baseline] = welch_p(values, base) if method != baseline else None
+            row["p_vs_" + baseline] = welch_p(values, base) if label != base_label else None
             row["partial"] = any(r.get("partial") for r in rs)
             if all("train" in r for r in rs):
                 train = [100.0 * r["train"][r["metric"]] for r in rs]
                 row["train_mean"] = float(np.mean(train))
                 row["gap"] = row["train_mean"] - row["mean"]
-            table[task][method] = row
+            table[task][label] = row
     return table
 
 
-def method_order(methods):
+def method_order(labels):
     known = ["ft", "l2sp", "mixout", "smart", "r3f", "noise", "lnsr"]
-    return sorted(methods, key=lambda m: (known.index(m) if m in known else len(known), m))
+    method = lambda label: label.split(" (")[0]
+    return sorted(labels, key=lambda m: (known.index(method(m)) if method(m) in known else len(known), m))
 
 
 def fmt(x, digits=2):
@@ -165,7 +191,10 @@ def cmd_summarize(argv):
         raise InputError(f"{args.dir}: no readable results.json below this folder")
     table = summarize(runs, args.baseline)
     if args.json:
-        print(json.dumps(table, indent=2))
+        # JSON has no NaN: an undefined statistic (the std of one run) is null.
+        clean = {t: {m: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+                     for m, row in rows.items()} for t, rows in table.items()}
+        print(json.dumps(clean, indent=2))
     else:
         print(markdown(table, args.baseline))
     return 0
@@ -196,8 +225,9 @@ def cmd_run(argv):
     if not config_path.is_file():
         raise InputError(f"{run_dir}: not a run folder (no config.json)")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
         settings = config["settings"]
+        settings["task"]
     except (ValueError, KeyError) as e:
         raise InputError(f"{config_path}: unreadable ({e})") from None
     model_dir = run_dir / "model"

@@ -23,6 +23,7 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -82,7 +83,7 @@ def add_method_flags(parser):
             t = flag_type(f)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             flag = f"--{name}-{f.name.replace('_', '-')}"
-            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            help_text = f.metadata.get("help", "")
             if t is bool:
                 group.add_argument(flag, dest=f"{name}__{f.name}", default=default,
                                    action=argparse.BooleanOptionalAction, help=help_text)
@@ -103,7 +104,7 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="Fine-tune BERT on a GLUE task with LNSR (Hua et al.) or a baseline. "
                     "Defaults reproduce the paper's setup (Section 4.3).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--task", required=True,
                    help="GLUE task: cola, mrpc, rte, sts-b (the paper's), or sst-2, qnli, qqp, mnli, wnli")
     p.add_argument("--model", default=PAPER_MODEL,
@@ -148,7 +149,8 @@ def build_parser():
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when available")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: bfloat16 autocast for matrix products (weights and optimizer stay fp32)")
+                   help="bf16: bfloat16 autocast for matrix products (weights and optimizer stay fp32). "
+                        "On CUDA, fp32 matrix products use TF32 tensor cores")
     p.add_argument("--log-every", type=int, default=20, help="write a log.jsonl line every N steps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     add_method_flags(p)
@@ -180,6 +182,17 @@ def versions():
 def format_seconds(s):
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends '(default: X)' to a flag's help once, and not when there is no default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "(default" not in text \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 class Progress:
@@ -229,7 +242,8 @@ def predict(model, features, batch_size, device, precision):
     model.eval()
     n = len(features.input_ids)
     out = [None] * n
-    for batch in glue.batches(features, batch_size, seed=None):
+    # Longest first: batches of similar lengths waste the least padding.
+    for batch in glue.batches(features, batch_size, seed=None, bucket=True):
         batch = to_device(batch, device)
         with autocast(device, precision):
             logits = model(*(batch[k] for k in MODEL_INPUTS)).logits.float()
@@ -250,16 +264,23 @@ def evaluate(model, features, task, batch_size, device, precision):
 
 # ----------------------------------------------------------------------------- one run
 
+# One --seed drives several random streams. Giving two generators the same integer would
+# correlate them (the head's initial weights would equal the first noise draws, scaled), so
+# each purpose gets its own seed derived from the run's.
+STREAMS = {"head": 1, "dropout": 2, "noise": 3, "order": 4, "subset": 5}
+EVAL_SUBSET_SEED = 0      # every seed of a sweep is scored on the same dev examples
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    return int(np.random.SeedSequence([seed, STREAMS[stream]]).generate_state(1)[0])
+
+
 def select_subset(features, n=None, fraction=None, seed=0):
-    """A seeded random subset of the features (same seed -> same subset)."""
+    """A seeded random subset of the features, in the original order (as glue.subsample)."""
     total = len(features.input_ids)
-    if n is None and fraction is None:
+    if n is None and fraction is None or (n is not None and n >= total):
         return features
-    k = n if n is not None else max(1, round(fraction * total))
-    if k >= total:
-        return features
-    g = torch.Generator().manual_seed(seed)
-    keep = sorted(torch.randperm(total, generator=g)[:k].tolist())
+    keep = glue.subset_indices(total, n=n, fraction=None if n is not None else fraction, seed=seed)
     return dataclasses.replace(
         features, input_ids=[features.input_ids[i] for i in keep],
         token_type_ids=[features.token_type_ids[i] for i in keep],
@@ -303,22 +324,26 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
     settings = run_settings(args, spec, method_name, seed)
     data_seed, init_seed = settings["data_seed"], settings["init_seed"]
     method_cls, options = method_options(method_name, args)
-    train = select_subset(data.train, args.max_train_samples, args.train_fraction, data_seed)
-    dev = select_subset(data.dev, args.max_eval_samples, None, data_seed)
+    train = select_subset(data.train, args.max_train_samples, args.train_fraction,
+                          stream_seed(data_seed, "subset"))
+    dev = select_subset(data.dev, args.max_eval_samples, None, EVAL_SUBSET_SEED)
+    partial = len(train.input_ids) < len(data.train.input_ids) or len(dev.input_ids) < len(data.dev.input_ids)
     settings.update(n_train=len(train.input_ids), n_dev=len(dev.input_ids))
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("results.json", "failed.json", "log.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
+    device = data.device
     write_json(run_dir / "config.json", {"settings": settings, "data_dir": args.data_dir,
+                                         "device": str(device), "threads": torch.get_num_threads(),
                                          "versions": versions()})
 
-    device = data.device
-    torch.manual_seed(seed)                           # dropout and anything else unseeded
-    model = BertClassifier.from_pretrained(data.model_dir, num_labels=spec.num_labels, verbose=False)
-    model.init_head(torch.Generator().manual_seed(init_seed))
+    torch.manual_seed(stream_seed(seed, "dropout"))          # dropout draws from the global RNG
+    model = BertClassifier(data.pretrained.config, spec.num_labels)
+    model.load_state_dict(data.pretrained.state_dict())
+    model.init_head(torch.Generator().manual_seed(stream_seed(init_seed, "head")))
     model.to(device)
     method = method_cls(options)
-    method.setup(model, seed)
+    method.setup(model, stream_seed(seed, "noise"))
 
     steps_per_epoch = math.ceil(len(train.input_ids) / args.batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
@@ -334,7 +359,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
     sum_penalty = torch.zeros((), device=device)
     since_log = 0
     while step < total_steps:
-        for batch in glue.batches(train, args.batch_size, seed=data_seed, epoch=epoch, bucket=False):
+        for batch in glue.batches(train, args.batch_size, seed=stream_seed(data_seed, "order"), epoch=epoch):
             if step >= total_steps:
                 break
             batch = to_device(batch, device)
@@ -382,7 +407,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
     results = {"task": spec.name, "method": method_name, "seed": seed, "metric": spec.main_metric,
                "dev": dev_metrics, "train_seconds": round(train_seconds, 2), "steps": total_steps,
                "n_train": len(train.input_ids), "n_dev": len(dev.input_ids),
-               "partial": bool(args.max_train_samples or args.train_fraction or args.max_eval_samples),
+               "partial": partial,
                "max_train_samples": args.max_train_samples, "train_fraction": args.train_fraction,
                "max_eval_samples": args.max_eval_samples, "method_options": settings["method_options"]}
     if args.eval_train:
@@ -412,16 +437,23 @@ def pick_device(name):
 
 
 def load_data(args, spec, device):
-    """Tokenize once for the whole grid of runs."""
+    """Load the checkpoint and tokenize once for the whole grid of runs, before any run starts,
+    so that a bad model or data folder stops the command without leaving half-made runs."""
     from bert.hub import resolve
+    from bert.model import BertClassifier
     from bert.tokenizer import Tokenizer
     model_dir = resolve(args.model)
+    pretrained = BertClassifier.from_pretrained(model_dir, num_labels=spec.num_labels, verbose=False)
+    positions = pretrained.config.max_position_embeddings
+    if args.max_seq_length > positions:
+        raise InputError(f"--max-seq-length {args.max_seq_length}: {args.model} has {positions} positions")
     tokenizer = Tokenizer.from_dir(model_dir)
     data_dir = args.data_dir
-    glue.ensure_task_data(spec.name, data_dir)       # downloads the task when its files are missing
+    glue.ensure_task_data(spec.name, data_dir, splits=["train", "dev"])   # downloads what is missing
     train = glue.encode(glue.load_examples(spec.name, "train", data_dir), tokenizer, args.max_seq_length)
     dev = glue.encode(glue.load_examples(spec.name, "dev", data_dir), tokenizer, args.max_seq_length)
-    return types.SimpleNamespace(train=train, dev=dev, tokenizer=tokenizer, model_dir=model_dir, device=device)
+    return types.SimpleNamespace(train=train, dev=dev, tokenizer=tokenizer, pretrained=pretrained,
+                                 device=device)
 
 
 def check_args(args):
@@ -430,8 +462,9 @@ def check_args(args):
     for name in ("epochs", "batch_size", "eval_batch_size", "lr", "max_seq_length", "log_every"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.max_seq_length > 512:
-        raise InputError(f"--max-seq-length {args.max_seq_length}: BERT has 512 positions at most")
+    for name in ("seed", "data_seed", "init_seed"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
         raise InputError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     for name in ("max_train_samples", "max_eval_samples"):

@@ -15,6 +15,7 @@ from glue.data import (
     encode,
     load_examples,
     subsample,
+    subset_indices,
     task_file,
     write_test_predictions,
 )
@@ -22,18 +23,19 @@ from glue.metrics import accuracy, compute_metrics, f1_score, matthews_corrcoef,
 from glue.tasks import TASKS, TaskSpec, get_task
 
 
-def ensure_task_data(task: str, data_dir=None):
+def ensure_task_data(task: str, data_dir=None, splits=None):
     """Download a task's files into data_dir when missing (see glue/download.py); its folder.
 
     Imported on first use, so that `import glue` needs no network library and
     `python -m glue.download` runs the module only once.
     """
     from glue.download import ensure_task_data as ensure
-    return ensure(task, data_dir)
+    return ensure(task, data_dir, splits)
+
 
 __all__ = [
     "Example", "Features", "TASKS", "TaskSpec", "accuracy", "batch_order", "batches", "collate",
     "compute_metrics", "default_data_dir", "encode", "ensure_task_data", "f1_score", "get_task",
-    "load_examples", "matthews_corrcoef", "pearson", "spearman", "subsample", "task_file",
+    "load_examples", "matthews_corrcoef", "pearson", "spearman", "subsample", "subset_indices", "task_file",
     "write_test_predictions",
 ]

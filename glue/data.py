@@ -170,17 +170,22 @@ def subsample(examples: list[Example], fraction: float | None = None, n: int | N
     subsets are nested: the 15% subset is part of the 30% one, which is part of the 50% one, so
     a curve over fractions changes only the amount of data, not which examples are drawn.
     """
+    return [examples[i] for i in subset_indices(len(examples), fraction=fraction, n=n, seed=seed)]
+
+
+def subset_indices(total: int, fraction: float | None = None, n: int | None = None,
+                   seed: int = 0) -> list[int]:
+    """The sorted positions kept by `subsample` (also used on already-encoded features)."""
     if (fraction is None) == (n is None):
         raise InputError("subsample: give exactly one of fraction and n")
     if fraction is not None:
         if not 0.0 < fraction <= 1.0:
             raise InputError(f"subsample: fraction must be in (0, 1], got {fraction}")
-        n = max(1, round(fraction * len(examples)))
-    if not 0 < n <= len(examples):
-        raise InputError(f"subsample: n must be in [1, {len(examples)}], got {n}")
-    permutation = np.random.default_rng(seed).permutation(len(examples))
-    keep = np.sort(permutation[:n])
-    return [examples[i] for i in keep]
+        n = max(1, round(fraction * total))
+    if not 0 < n <= total:
+        raise InputError(f"subsample: n must be in [1, {total}], got {n}")
+    permutation = np.random.default_rng(seed).permutation(total)
+    return np.sort(permutation[:n]).tolist()
 
 
 # ----------------------------------------------------------------------------------------------

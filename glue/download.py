@@ -73,14 +73,18 @@ def urls_for(file_name: str) -> list[str]:
     return URLS[file_name]
 
 
-def task_files_present(task: str, data_dir=None) -> bool:
+def task_files_present(task: str, data_dir=None, splits=None) -> bool:
+    """Whether the files of `splits` (default: every split of the task) are all there."""
     spec = get_task(task)
     folder = Path(data_dir or default_data_dir()) / spec.dir_name
-    return all((folder / layout.file).is_file() for layout in spec.splits.values())
+    wanted = [spec.split_layout(s)[1] for s in splits] if splits else spec.splits.values()
+    return all((folder / layout.file).is_file() for layout in wanted)
 
 
-def ensure_task_data(task: str, data_dir=None) -> Path:
+def ensure_task_data(task: str, data_dir=None, splits=None) -> Path:
     """Return <data_dir>/<task folder>, downloading the task's files first if any is missing.
+
+    `splits` limits the check to the files a caller reads (training needs no test.tsv).
 
     For MRPC, msr_paraphrase_train.txt, msr_paraphrase_test.txt and mrpc_dev_ids.tsv (or
     dev_ids.tsv) already placed in <data_dir>/MRPC are used instead of downloading them.
@@ -88,7 +92,7 @@ def ensure_task_data(task: str, data_dir=None) -> Path:
     spec = get_task(task)
     data_dir = Path(data_dir or default_data_dir())
     folder = data_dir / spec.dir_name
-    if task_files_present(spec.name, data_dir):
+    if task_files_present(spec.name, data_dir, splits):
         return folder
     data_dir.mkdir(parents=True, exist_ok=True)
     # Work inside data_dir so that the final moves are renames on one file system.

@@ -5,8 +5,10 @@ With x^b the input of layer b (b = 1: the embedding output) and f^{b,r} the laye
     eps ~ N(0, sigma^2)  element-wise, same shape as x^b                     (Alg. 1, line 6)
     R = sum_{r=b..L} lambda_r * || f^{b,r}(x^b + eps) - f^{b,r}(x^b) ||^2     (Eq. 2, line 10)
 
-per example, averaged over the batch (line 13), and added to the task loss. The paper uses
-b = 1 and lambda_r = 1 for every r (Sections 4.4 and 5.4).
+per example, averaged over the batch together with the task loss (line 13; we read R inside
+the batch average, as the loss is), and added to the task loss. The paper uses lambda_r = 1 for
+every r (Section 5.4) and injects noise "at the first layer" (Section 4.4), which we read as
+b = 1: noise on the embedding output, the input of layer 1.
 
 How the code maps to it:
 - f^{b,r}(x^b) for r = b..L are the clean forward pass's hidden states, reused: only the noisy
