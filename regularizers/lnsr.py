@@ -77,7 +77,7 @@ def sample_noise(x_b, sigma, relative_sigma, generator):
 
 def stability_distance(noisy, clean, token_mask, reduction):
     """|| noisy - clean ||^2 per example over real tokens and hidden units: (B, T, H) -> (B,)."""
-    squared = (noisy - clean).float().pow(2) * token_mask                      # (B, T, H)
+    squared = (noisy - clean).pow(2) * token_mask                              # (B, T, H)
     per_example = squared.sum(dim=(1, 2))                                     # (B,)
     if reduction == "mean":
         per_example = per_example / (token_mask.sum(dim=(1, 2)) * noisy.shape[-1])

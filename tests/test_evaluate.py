@@ -75,3 +75,33 @@ def test_empty_folder_is_a_clear_error(tmp_path, capsys):
     assert "no readable results.json" in capsys.readouterr().err
     assert evaluate.main(["summarize", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_runs_with_other_settings_get_their_own_rows_and_duplicates_count_once(tmp_path, capsys):
+    make_runs(tmp_path / "a", ft=FT)
+    make_runs(tmp_path / "b", lnsr=LNSR)
+    make_runs(tmp_path / "c", lnsr=[0.5, 0.6])
+    for seed in (1, 2):                       # the "c" runs used another sigma
+        path = tmp_path / "c" / "RTE" / "lnsr" / f"seed{seed}" / "results.json"
+        r = json.loads(path.read_text())
+        r["method_options"] = {"sigma": 0.1, "layer": 1}
+        path.write_text(json.dumps(r))
+    for seed in range(1, 6):
+        path = tmp_path / "b" / "RTE" / "lnsr" / f"seed{seed}" / "results.json"
+        r = json.loads(path.read_text())
+        r["method_options"] = {"sigma": 0.01, "layer": 1}
+        path.write_text(json.dumps(r))
+    make_runs(tmp_path / "copy", ft=FT[:2])   # the same ft seeds 1-2 again, elsewhere
+    runs, problems = evaluate.read_runs(tmp_path)
+    assert sum("not counted twice" in p for p in problems) == 2
+    table = evaluate.summarize(runs)["RTE"]
+    assert set(table) == {"ft", "lnsr (sigma=0.01)", "lnsr (sigma=0.1)"}
+    assert table["ft"]["n"] == 4 and table["lnsr (sigma=0.1)"]["n"] == 2
+    assert table["lnsr (sigma=0.01)"]["mean"] == pytest.approx(100 * np.mean(LNSR))
+
+
+def test_json_has_null_not_nan_for_a_single_run(tmp_path, capsys):
+    make_runs(tmp_path, ft=[0.7])
+    assert evaluate.main(["summarize", str(tmp_path), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "NaN" not in out and json.loads(out)["RTE"]["ft"]["std"] is None

@@ -57,16 +57,16 @@ def naive_penalty(model, batch, b, sigma, seed=5, lambdas=None, reduction="sum",
     torch.manual_seed(rng_seed)
     clean = forward(model, batch).hidden_states
     x_b = clean[b - 1]
-    eps = torch.randn(x_b.shape, generator=torch.Generator().manual_seed(seed)) * sigma
+    eps = torch.randn(x_b.shape, generator=torch.Generator().manual_seed(seed), dtype=x_b.dtype) * sigma
     # x^b is the output of the embeddings (b = 1) or of layer b-1.
     module = model.bert.embeddings if b == 1 else model.bert.layers[b - 2]
     hook = module.register_forward_hook(lambda mod, inp, out: out + eps)
     torch.manual_seed(rng_seed)
     noisy = forward(model, batch).hidden_states
     hook.remove()
-    mask = batch["attention_mask"][:, :, None].float()
+    mask = batch["attention_mask"][:, :, None].to(x_b.dtype)
     lambdas = lambdas or [1.0] * (L - b + 1)
-    R = torch.zeros(x_b.shape[0])
+    R = torch.zeros(x_b.shape[0], dtype=x_b.dtype)
     for lam, r in zip(lambdas, range(b, L + 1)):
         per_example = ((noisy[r] - clean[r]) ** 2 * mask).sum(dim=(1, 2))
         if reduction == "mean":
@@ -151,8 +151,11 @@ def test_zero_weight_removes_that_layers_term():
     reference = naive_penalty(model, batch, 2, sigma=0.05, lambdas=[1.0, 0.0, 2.0])
     torch.testing.assert_close(R, reference, rtol=1e-6, atol=1e-6)
     torch.manual_seed(123)
-    R_all, _ = lnsr_penalty(model, batch, layer=2, sigma=0.05, weights="1")
-    assert R_all.item() > R.item() / 2     # the dropped layer's term was real
+    R_all, _ = lnsr_penalty(model, batch, layer=2, sigma=0.05, weights="1,1,2")
+    torch.manual_seed(123)
+    R_middle_only, _ = lnsr_penalty(model, batch, layer=2, sigma=0.05, weights="0,1,0")
+    torch.testing.assert_close(R_all - R, R_middle_only, rtol=1e-5, atol=1e-7)   # exactly that term
+    assert R_middle_only.item() > 0
 
 
 def test_relative_sigma_scales_noise_with_the_token_norm():
@@ -174,3 +177,36 @@ def test_bad_options_are_one_line_errors():
         LNSR(LNSROptions(layer=5)).setup(model, 0)
     with pytest.raises(InputError, match="need 1 or 4"):
         LNSR(LNSROptions(weights="1,1")).setup(model, 0)
+
+
+def test_gradients_equal_the_two_pass_reference():
+    """Every parameter's gradient, not just the penalty's value, matches Algorithm 1 done the
+    long way: so both branches carry gradient exactly as the formula says. In float64, so that
+    the two summation orders agree to 1e-10."""
+    b = 2
+    model = tiny_model().train().double()
+    batch = tiny_batch()
+    torch.manual_seed(123)
+    R, _ = lnsr_penalty(model, batch, layer=b, sigma=0.05)
+    R.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.bert.rng_snapshot_layer = None
+    naive_penalty(model, batch, b, sigma=0.05).backward()
+    reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-10, atol=1e-12)
+
+
+def test_only_layers_b_to_L_run_a_second_time():
+    b = 3
+    model = tiny_model().train()
+    calls = [0] * L
+    for i, layer in enumerate(model.bert.layers):
+        layer.register_forward_hook(lambda mod, inp, out, i=i: calls.__setitem__(i, calls[i] + 1))
+    embedding_calls = []
+    model.bert.embeddings.register_forward_hook(lambda *a: embedding_calls.append(1))
+    lnsr_penalty(model, tiny_batch(), layer=b, sigma=0.05)
+    assert calls == [1] * (b - 1) + [2] * (L - b + 1)
+    assert len(embedding_calls) == 1
