@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 import types
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +63,10 @@ def option_fields(method_cls):
     return dataclasses.fields(method_cls.Options) if method_cls.Options else ()
 
 
-def flag_type(field):
-    """int, float, str, bool or 'X | None' annotations -> an argparse type."""
-    t = field.type if not isinstance(field.type, str) else eval(field.type, {})  # noqa: S307
-    if isinstance(t, types.UnionType):
+def flag_type(options_cls, field):
+    """int, float, str, bool or 'X | None' annotations -> the type argparse converts to."""
+    t = typing.get_type_hints(options_cls)[field.name]
+    if isinstance(t, types.UnionType):                     # float | None -> float
         t = next(a for a in t.__args__ if a is not type(None))
     return t
 
@@ -80,7 +81,7 @@ def add_method_flags(parser):
         doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
         group = parser.add_argument_group(f"{name} options", doc.strip().splitlines()[0])
         for f in fields:
-            t = flag_type(f)
+            t = flag_type(cls.Options, f)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             flag = f"--{name}-{f.name.replace('_', '-')}"
             help_text = f.metadata.get("help", "")

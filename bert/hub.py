@@ -268,7 +268,7 @@ def _fetch(url: str, dest: Path, partial: Path) -> bool:
             with open(partial, "rb") as f:  # the resumed file is verified as a whole
                 for block in iter(lambda: f.read(_CHUNK), b""):
                     hasher.update(block)
-        progress = _Progress(dest.name, total, start)
+        progress = DownloadProgress(dest.name, total, start)
         partial.parent.mkdir(exist_ok=True)
         with open(partial, "ab" if start else "wb") as f:
             try:
@@ -376,7 +376,7 @@ def progress_line(name: str, done: int, total: int | None, bytes_per_s: float) -
     return "  ".join(parts)
 
 
-class _Progress:
+class DownloadProgress:
     """One file's progress on stderr: a line redrawn in place on a terminal, else a line now and
     then (a log file should not get thousands of lines)."""
 

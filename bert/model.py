@@ -59,6 +59,7 @@ class SelfAttention(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.n_heads = config.num_attention_heads
+        self.head_size = config.head_size
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attention_probs_dropout_prob
@@ -66,7 +67,7 @@ class SelfAttention(nn.Module):
     def forward(self, x, attn_mask):
         B, T, H = x.shape
         # (B, T, 3H) -> three (B, heads, T, head_size)
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, H // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_size).permute(2, 0, 3, 1, 4)
         # softmax(Q K^T / sqrt(d) + mask) V, with dropout on the attention probabilities;
         # attn_mask is (B, 1, 1, T) bool (True = a real token) or None when nothing is padded.
         y = F.scaled_dot_product_attention(
@@ -254,8 +255,3 @@ def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generato
             elif isinstance(m, nn.LayerNorm):
                 m.weight.fill_(1.0)
                 m.bias.zero_()
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-

@@ -31,6 +31,7 @@ from pathlib import Path
 import requests
 
 from bert.errors import InputError
+from bert.hub import DownloadProgress, offline_reason
 from glue.data import default_data_dir
 from glue.tasks import TASKS, get_task
 
@@ -133,6 +134,10 @@ def _local_or_download(name: str, folder: Path, scratch: Path) -> Path:
 
 def _download(file_name: str, dest: Path, by_hand: str) -> None:
     """Stream the first URL that works into dest; else InputError saying how to do it by hand."""
+    offline = offline_reason()
+    if offline:
+        raise InputError(f"{file_name} is missing and {offline} forbids downloading it: download "
+                         f"{urls_for(file_name)[0]} elsewhere and {by_hand}")
     failures = []
     for url in urls_for(file_name):
         try:
@@ -153,19 +158,16 @@ def _stream(url: str, dest: Path) -> None:
     with requests.get(url, stream=True, timeout=TIMEOUT_S) as response:
         response.raise_for_status()
         total = int(response.headers.get("Content-Length") or 0)
-        done, shown = 0, None
+        done = 0
+        progress = DownloadProgress(dest.name, total or None, 0)
         try:
             with open(dest, "wb") as out:
                 for chunk in response.iter_content(chunk_size=1 << 16):
                     out.write(chunk)
                     done += len(chunk)
-                    progress = f"{done / 1e6:.1f} / {total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
-                    if progress != shown:
-                        shown = progress
-                        print(f"\rdownloading {dest.name}: {progress}", end="", file=sys.stderr, flush=True)
+                    progress.update(len(chunk))
         finally:
-            if shown is not None:
-                print(file=sys.stderr)
+            progress.close()
         if total and done != total:
             raise _Incomplete(f"got {done} of {total} bytes")
 

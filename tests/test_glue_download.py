@@ -94,7 +94,7 @@ def test_task_zip_is_downloaded_and_extracted(server, tmp_path, capsys):
     assert folder == tmp_path / "RTE"
     assert leftovers(tmp_path) == ["RTE", "RTE/dev.tsv", "RTE/test.tsv", "RTE/train.tsv"]
     assert glue.load_examples("rte", "train", tmp_path)[0].text_b == "An animal runs."
-    assert "downloading RTE.zip" in capsys.readouterr().err            # progress on stderr
+    assert "RTE.zip  471 B / 471 B  100.0%" in capsys.readouterr().err   # progress on stderr
     # Present files are not fetched again.
     server.requests.clear()
     assert glue.ensure_task_data("RTE", tmp_path) == folder and server.requests == []
@@ -246,3 +246,12 @@ def test_command_line(server, tmp_path, capsys):
     assert download.main(["rte", "--data-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "RTE")
     assert download.main(["nope", "--data-dir", str(tmp_path)]) == 2
+
+
+def test_offline_variable_forbids_downloading(tmp_path, monkeypatch):
+    monkeypatch.setenv("LNSR_OFFLINE", "1")
+    monkeypatch.setenv("GLUE_DOWNLOAD_URL", "http://127.0.0.1:9")       # would be refused anyway
+    with pytest.raises(InputError, match="LNSR_OFFLINE=1 forbids downloading"):
+        glue.ensure_task_data("rte", tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no scratch left
+    assert not (tmp_path / "RTE" / "train.tsv").exists()

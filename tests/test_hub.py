@@ -441,7 +441,7 @@ def test_progress_redraws_one_line_on_a_terminal(monkeypatch):
 
     monkeypatch.setattr(sys, "stderr", Terminal())
     monkeypatch.setattr(hub, "time", FakeClock())
-    progress = hub._Progress("w", total=1000, start=0)
+    progress = hub.DownloadProgress("w", total=1000, start=0)
     for _ in range(10):
         progress.update(100)
     progress.close()
@@ -454,7 +454,7 @@ def test_progress_redraws_one_line_on_a_terminal(monkeypatch):
 def test_progress_in_a_log_file_prints_now_and_then(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     monkeypatch.setattr(hub, "time", FakeClock())
-    progress = hub._Progress("w", total=4000, start=0)
+    progress = hub.DownloadProgress("w", total=4000, start=0)
     for _ in range(40):                          # 40 s of updates, one a second
         progress.update(100)
     progress.close()
