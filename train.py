@@ -341,6 +341,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
     torch.manual_seed(stream_seed(seed, "dropout"))          # dropout draws from the global RNG
     model = BertClassifier(data.pretrained.config, spec.num_labels)
     model.load_state_dict(data.pretrained.state_dict())
+    model.load_report = data.pretrained.load_report      # which weights the checkpoint lacked (L2-SP)
     model.init_head(torch.Generator().manual_seed(stream_seed(init_seed, "head")))
     model.to(device)
     method = method_cls(options)
