@@ -4,6 +4,8 @@
     python evaluate.py runs/RTE/lnsr/seed1 --split test    # write GLUE test predictions (RTE.tsv)
     python evaluate.py summarize runs                      # Table 1: mean, std, max over seeds, p-values
     python evaluate.py summarize runs --json               # the same numbers as JSON
+    python evaluate.py boxplot runs --output docs/figure2.png   # Figure 2 (needs matplotlib)
+    python evaluate.py noise-stability --model minilm-l6 --task mrpc   # Figure 1 (see analysis.py)
 
 The summary reads every <task>/<method>/seed<N>/results.json below the folder. Per task and
 method it gives n, mean, std (sample standard deviation, ddof = 1), median, min, max of the
@@ -21,7 +23,7 @@ import numpy as np
 
 from bert.errors import InputError
 
-SUBCOMMANDS = ("summarize",)
+SUBCOMMANDS = ("summarize", "boxplot", "noise-stability")
 PAPER_TASK_ORDER = ["RTE", "MRPC", "CoLA", "STS-B"]
 REQUIRED_KEYS = ("task", "method", "seed", "metric", "dev")
 
@@ -61,7 +63,9 @@ def read_runs(root: Path):
             problems.append(f"{results}: dev[{r['metric']!r}] is not a number")
             continue
         r["_value"] = 100.0 * value
-        r["_options"] = json.dumps(r.get("method_options") or {}, sort_keys=True)
+        # The training fraction is part of a row's settings too (Figure 4: 15%, 30%, 50% runs).
+        options = {**(r.get("method_options") or {}), "train_fraction": r.get("train_fraction") or 1.0}
+        r["_options"] = json.dumps(options, sort_keys=True)
         key = (r["task"], r["method"], r["_options"], r["seed"])
         if key in seen:
             problems.append(f"{results}: the same task, method, options and seed as {seen[key]}; not counted twice")
@@ -113,11 +117,14 @@ def summarize(runs, baseline="ft"):
         label = labels[(r["task"], r["method"], r["_options"])]
         groups.setdefault(r["task"], {}).setdefault(label, []).append(r)
     table = {}
+    fraction = lambda rs: rs[0].get("train_fraction") or 1.0
     for task, by_label in groups.items():
-        base_label = next((lab for lab in by_label if by_label[lab][0]["method"] == baseline), None)
-        base = [r["_value"] for r in by_label[base_label]] if base_label else []
         table[task] = {}
         for label, rs in by_label.items():
+            # Compared with the baseline trained on the same fraction of the data.
+            base_label = next((lab for lab, b in by_label.items()
+                               if b[0]["method"] == baseline and fraction(b) == fraction(rs)), None)
+            base = [r["_value"] for r in by_label[base_label]] if base_label else []
             values = [r["_value"] for r in sorted(rs, key=lambda r: r["seed"])]
             row = describe(values)
             row["metric"] = rs[0]["metric"]
@@ -259,6 +266,9 @@ def main(argv=None):
     try:
         if argv and argv[0] == "summarize":
             return cmd_summarize(argv[1:])
+        if argv and argv[0] in ("boxplot", "noise-stability"):
+            import analysis
+            return {"boxplot": analysis.cmd_boxplot, "noise-stability": analysis.cmd_noise_stability}[argv[0]](argv[1:])
         return cmd_run(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
