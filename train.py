@@ -467,6 +467,8 @@ def check_args(args):
     for name in ("seed", "data_seed", "init_seed"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.train_fraction is not None and args.max_train_samples is not None:
+        raise InputError("give --train-fraction or --max-train-samples, not both")
     if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
         raise InputError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     for name in ("max_train_samples", "max_eval_samples"):
