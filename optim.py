@@ -23,7 +23,7 @@ class AdamNoBiasCorrection(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -33,15 +33,19 @@ class AdamNoBiasCorrection(torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p]["m"] = torch.zeros_like(p)
                     self.state[p]["v"] = torch.zeros_like(p)
+                    self.state[p]["denom"] = torch.empty_like(p)   # reused: no fresh buffer per step
             m = [self.state[p]["m"] for p in params]
             v = [self.state[p]["v"] for p in params]
+            denom = [self.state[p]["denom"] for p in params]
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            # The _foreach_ ops apply each line to the whole list of tensors at once.
+            # The _foreach_ ops apply each line to the whole list of tensors at once (one kernel
+            # launch per line instead of one per parameter); the math is the docstring's.
             torch._foreach_lerp_(m, grads, 1 - beta1)               # m = beta1 m + (1-beta1) g
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-            denom = torch._foreach_sqrt(v)
+            torch._foreach_copy_(denom, v)
+            torch._foreach_sqrt_(denom)                             # sqrt(v) + eps
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(params, m, denom, value=-lr)
             if wd:

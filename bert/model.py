@@ -122,9 +122,12 @@ class BertOutput:
 def attention_mask_for_sdpa(attention_mask):
     """(B, T) 0/1 padding mask -> (B, 1, 1, T) bool for every query row, or None.
 
-    None when nothing is padded: SDPA then skips the masking work entirely.
+    None when nothing is padded, so SDPA can skip the masking work. That check reads the mask on
+    the host, which would stall a GPU's queue every step, so on a GPU the mask is always passed.
     """
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None:
+        return None
+    if attention_mask.device.type == "cpu" and bool(attention_mask.all()):
         return None
     return attention_mask.bool()[:, None, None, :]
 
