@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from scipy.special import rel_entr
 
 import regularizers
+import tiny
 import train
-from bert.config import BertConfig
-from bert.model import BertClassifier, SelfAttention, attention_mask_for_sdpa, init_weights
+from bert.model import SelfAttention, attention_mask_for_sdpa
 from regularizers.l2sp import L2SP, L2SPOptions
 from regularizers.lnsr import sample_noise
 from regularizers.mixout import MixLinear, Mixout, MixoutOptions
@@ -36,34 +36,11 @@ needs_rte = pytest.mark.skipif(not (HAVE_MINILM and (GLUE_DIR / "RTE" / "train.t
                                reason=f"needs GLUE RTE at {GLUE_DIR} and the embedded MiniLM package")
 
 L = 2
+tiny_batch, forward = tiny.tiny_batch, tiny.forward
 
 
 def tiny_model(num_labels=2, seed=0, dropout=0.1):
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=L, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    model = BertClassifier(config, num_labels=num_labels)
-    init_weights(model, 0.2)          # larger than BERT's 0.02, so that the network is not ~linear
-    return model
-
-
-def tiny_batch(B=3, T=10, pad=(0, 3, 6)):
-    g = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(1, 100, (B, T), generator=g)
-    attention_mask = torch.ones(B, T, dtype=torch.long)
-    for row, n in enumerate(pad):
-        if n:
-            attention_mask[row, T - n:] = 0
-            input_ids[row, T - n:] = 0
-    token_type_ids = torch.zeros_like(input_ids)
-    token_type_ids[:, T // 2:] = 1
-    return {"input_ids": input_ids, "token_type_ids": token_type_ids,
-            "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 0])[:B]}
-
-
-def forward(model, batch):
-    return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    return tiny.tiny_model(num_layers=L, num_labels=num_labels, seed=seed, dropout=dropout)
 
 
 def set_up(method, model, seed=5):
