@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,9 @@ def welch_p(a, b):
         return None
     if np.std(a) == 0 and np.std(b) == 0:
         return None
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():      # scipy warns when one group is constant; p is still defined
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def describe(values):
