@@ -224,7 +224,6 @@ def cmd_run(argv):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = p.parse_args(argv)
 
-    import torch
     import glue
     from bert.model import BertClassifier
     from bert.tokenizer import Tokenizer
@@ -248,13 +247,13 @@ def cmd_run(argv):
     model = BertClassifier.from_pretrained(model_dir, num_labels=spec.num_labels, verbose=False).to(device)
     tokenizer = Tokenizer.from_dir(model_dir)
     data_dir = args.data_dir or config.get("data_dir")
-    glue.ensure_task_data(spec.name, data_dir)
+    splits = spec.dev_splits if args.split == "dev" else spec.test_splits
+    glue.ensure_task_data(spec.name, data_dir, splits=splits)
     precision = settings.get("precision", "fp32")
-    for s in spec.dev_splits if args.split == "dev" else spec.test_splits:
+    for s in splits:
         examples = glue.load_examples(spec.name, s, data_dir)
         features = glue.encode(examples, tokenizer, settings.get("max_seq_length", 128))
-        with torch.no_grad():
-            preds = predict(model, features, args.batch_size, device, precision)
+        preds = predict(model, features, args.batch_size, device, precision)
         if args.split == "dev":
             metrics = glue.compute_metrics(spec.name, preds, features.labels)
             print(json.dumps({"task": spec.name, "split": s, **metrics}, indent=2))

@@ -150,3 +150,28 @@ def test_parse_seeds():
     assert train.parse_seeds("1-3,7") == [1, 2, 3, 7]
     assert train.parse_seeds("5") == [5]
     assert train.parse_seeds("1,3,5") == [1, 3, 5]
+
+
+def test_saved_model_re_evaluates_to_the_same_dev_metrics_and_writes_test_predictions(tmp_path, capsys):
+    import evaluate
+    argv = [a for a in QUICK]
+    i = argv.index("--max-eval-samples")
+    del argv[i:i + 2]                                     # the whole dev set, as evaluate.py uses
+    assert train.main(argv + ["--output-dir", str(tmp_path / "runs"), "--method", "ft", "--save-model"]) == 0
+    run_dir = tmp_path / "runs" / "RTE" / "ft" / "seed1"
+    results = json.loads((run_dir / "results.json").read_text())
+    capsys.readouterr()
+    assert evaluate.main([str(run_dir)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["acc"] == results["dev"]["acc"] and results["n_dev"] == 277
+    assert evaluate.main([str(run_dir), "--split", "test"]) == 0
+    lines = (run_dir / "predictions" / "RTE.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 3001
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "not_entailment"}
+
+
+def test_evaluate_a_run_without_a_saved_model(tmp_path, capsys):
+    import evaluate
+    assert run(tmp_path, "--method", "ft") == 0
+    assert evaluate.main([str(tmp_path / "runs" / "RTE" / "ft" / "seed1")]) == 2
+    assert "no saved model" in capsys.readouterr().err
