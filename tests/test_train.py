@@ -175,3 +175,11 @@ def test_evaluate_a_run_without_a_saved_model(tmp_path, capsys):
     assert run(tmp_path, "--method", "ft") == 0
     assert evaluate.main([str(tmp_path / "runs" / "RTE" / "ft" / "seed1")]) == 2
     assert "no saved model" in capsys.readouterr().err
+
+
+def test_bf16_autocast_runs_on_the_cpu(tmp_path):
+    assert run(tmp_path, "--method", "lnsr", "--precision", "bf16") == 0
+    results, log = read_run(tmp_path, "lnsr", 1)
+    assert all(r["penalty"] > 0 for r in log) and 0 <= results["dev"]["acc"] <= 1
+    config = json.loads((tmp_path / "runs" / "RTE" / "lnsr" / "seed1" / "config.json").read_text())
+    assert config["settings"]["precision"] == "bf16" and config["device"] == "cpu"
