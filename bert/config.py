@@ -50,12 +50,7 @@ class BertConfig:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: config.json not found")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(d, dict):
-            raise InputError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        d = read_json_object(path)
         if d.get("model_type", "bert") != "bert":
             raise InputError(f"{path}: model_type is {d['model_type']!r}, expected 'bert'")
         try:
@@ -65,6 +60,17 @@ class BertConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; errors name the file and line."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 # Shapes of the models we name. The weights themselves come from bert/hub.py.

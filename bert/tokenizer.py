@@ -30,6 +30,7 @@ import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
+from bert.config import read_json_object
 from bert.errors import InputError
 
 # tokenizer_config.json keys of the special tokens, with BERT's defaults.
@@ -249,15 +250,7 @@ def _read_vocab(path: Path) -> dict:
 
 
 def _read_tokenizer_config(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _token_text(value) -> str:
