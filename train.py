@@ -241,6 +241,8 @@ MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 def predict(model, features, batch_size, device, precision):
     """Predictions in the order of `features`: class ids, or scores for regression."""
     model.eval()
+    cls_only = model.bert.cls_only_last_layer
+    model.bert.cls_only_last_layer = True                 # only the logits are read here
     n = len(features.input_ids)
     out = [None] * n
     # Longest first: batches of similar lengths waste the least padding.
@@ -251,6 +253,7 @@ def predict(model, features, batch_size, device, precision):
         preds = logits.squeeze(-1) if model.num_labels == 1 else logits.argmax(-1)
         for i, p in zip(batch["example_ids"].tolist(), preds.tolist()):
             out[i] = p
+    model.bert.cls_only_last_layer = cls_only
     return out
 
 
@@ -345,6 +348,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
     model.init_head(torch.Generator().manual_seed(stream_seed(init_seed, "head")))
     model.to(device)
     method = method_cls(options)
+    model.bert.cls_only_last_layer = not method.reads_hidden_states
     method.setup(model, stream_seed(seed, "noise"))
 
     steps_per_epoch = math.ceil(len(train.input_ids) / args.batch_size)

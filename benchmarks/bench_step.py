@@ -100,6 +100,7 @@ LNSR_TARGET = 1.9                                    # our lnsr step / our ft st
 COLA_EPOCH_TARGET = 0.3                              # dynamic padding / padded to 128
 BF16_TARGET = 0.5                                    # our bf16 ft step / HF's fp32 step, length 128
 TARGET_MODEL = "minilm-l6"
+FT_FULL = "ft (full last layer)"
 
 # The random "big" model: BERT-Base's shape (transformers.BertConfig's defaults), or for
 # --quick a 2-layer toy that exercises the same code in a fraction of the time.
@@ -181,6 +182,7 @@ def load_pair(folder, device):
         folder, num_labels=NUM_LABELS, attn_implementation="sdpa", dtype=torch.float32)
     ours = BertClassifier.from_pretrained(folder, num_labels=NUM_LABELS, verbose=False)
     ours.classifier.load_state_dict(hf.classifier.state_dict())   # one head, not two random ones
+    ours.bert.cls_only_last_layer = True       # as train.py for ft and for evaluation
     return ours.to(device), hf.to(device)
 
 
@@ -311,6 +313,7 @@ def method_default_options():
 def build_method(name, model, defaults):
     cls, options = train.method_options(name, defaults)
     method = cls(options)
+    model.bert.cls_only_last_layer = not method.reads_hidden_states      # as train.py
     method.setup(model, SEED)
     return method
 
@@ -326,11 +329,18 @@ def bench_methods(ours, settings, device, precision) -> list:
         method = build_method(name, model, defaults)       # before the optimizer, as train.py
         optimizer = optim.make_optimizer(model, "adam")
         candidates[name] = partial(ours_train_step, model, optimizer, method, batch, precision, device)
+    # ft as LNSR has to run it: the last layer at every position (LNSR's penalty reads it there).
+    model = copy.deepcopy(ours).train()
+    model.bert.cls_only_last_layer = False
+    candidates[FT_FULL] = partial(ours_train_step, model, optim.make_optimizer(model, "adam"),
+                                  FineTune(), batch, precision, device)
     t = median_times(candidates, settings, device)
     say("  " + ", ".join(f"{name} {s:.3f} s" for name, s in t.items()))
-    return [Row(f"{name} step / ft step, {TARGET_MODEL}, T={T}", t[name], t["ft"], "ms",
+    rows = [Row(f"{name} step / ft step, {TARGET_MODEL}, T={T}", t[name], t["ft"], "ms",
                 LNSR_TARGET if name == "lnsr" and precision == "fp32" else None)
             for name in candidates if name != "ft"]
+    rows.append(Row(f"lnsr step / {FT_FULL} step, {TARGET_MODEL}, T={T}", t["lnsr"], t[FT_FULL], "ms"))
+    return rows
 
 
 def bench_bf16(ours, hf, settings, device) -> list:

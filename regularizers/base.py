@@ -21,6 +21,10 @@ import torch
 class Regularizer:
     name = "ft"           # the name used on the command line and in run folders
     Options = None        # a dataclass type holding the method's hyperparameters, or None
+    # True if `penalty` reads outputs.hidden_states, the last layer's included, at every
+    # position. Otherwise the model's last layer computes the [CLS] position only (all the
+    # logits need; see BertModel.cls_only_last_layer) and hidden_states[L] is (B, 1, H).
+    reads_hidden_states = False
 
     def __init__(self, options=None):
         self.options = options

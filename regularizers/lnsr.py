@@ -89,6 +89,7 @@ def stability_distance(noisy, clean, token_mask, reduction):
 class LNSR(Regularizer):
     name = "lnsr"
     Options = LNSROptions
+    reads_hidden_states = True             # every layer b..L, at every position
 
     def setup(self, model, seed):
         o = self.options

@@ -1,0 +1,119 @@
+"""The two shortcuts of bert/model.py that make a CPU training step faster, against references.
+
+* Dropout masks drawn from 32-bit random integers (`keep_mask`, `dropout`): the drop rate is p
+  (binomial tolerance), the kept values are scaled by exactly 1 / (1 - p_drop), the gradient is
+  the same mask, a seed fixes the masks, and the explicit attention path that applies it equals
+  scaled_dot_product_attention when nothing is dropped.
+* `cls_only_last_layer`: the last layer computes the [CLS] position only; logits and every
+  parameter's gradient equal those of the full computation (float64, 1e-10).
+"""
+import math
+
+import pytest
+import torch
+
+from bert import model as bert_model
+from bert.model import Dropout, dropout, keep_mask
+import tiny
+
+# With p this small, round(p * 2^32) = 0: nothing is dropped and the scale is exactly 1, but the
+# training-mode code path (explicit attention with dropout) still runs.
+NOTHING_DROPPED = 1e-12
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_drop_rate_is_p_in_both_halves_of_each_random_word(p):
+    torch.manual_seed(0)
+    n = 1 << 22
+    keep, scale = keep_mask((n,), p, torch.device("cpu"))
+    # Each 64-bit word feeds two neighbours; a bad split of its bits would bias one of them.
+    for part in (keep[0::2], keep[1::2]):
+        dropped = 1.0 - part.double().mean().item()
+        sigma = math.sqrt(p * (1 - p) / part.numel())
+        assert abs(dropped - p) < 5 * sigma, (dropped, p)
+    assert scale == pytest.approx(1 / (1 - p), rel=1e-9)
+
+
+def test_neighbouring_masks_are_independent():
+    torch.manual_seed(1)
+    keep, _ = keep_mask((1 << 22,), 0.5, torch.device("cpu"))
+    both = (keep[0::2] & keep[1::2]).double().mean().item()
+    assert abs(both - 0.25) < 5 * math.sqrt(0.25 * 0.75 / (1 << 21))
+
+
+def test_dropout_values_scale_and_gradient():
+    torch.manual_seed(2)
+    x = torch.rand(64, 1000, dtype=torch.float64) + 1.0              # no zeros of its own
+    x.requires_grad_(True)
+    y = dropout(x, 0.1, training=True)
+    kept = y != 0
+    scale = 2**32 / (2**32 - round(0.1 * 2**32))
+    assert torch.equal(y[kept], x[kept] * scale)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    assert torch.equal(x.grad, torch.where(kept, weights * scale, 0.0))
+
+
+def test_dropout_off_in_eval_and_at_p0_and_seeded():
+    x = torch.randn(8, 16)
+    assert dropout(x, 0.1, training=False) is x
+    assert dropout(x, 0.0, training=True) is x
+    torch.manual_seed(3)
+    a = Dropout(0.3).train()(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, Dropout(0.3).train()(x))
+    assert not torch.equal(a, Dropout(0.3).train()(x))
+
+
+@pytest.mark.parametrize("pad", [(0, 0, 0), (0, 3, 6)])
+def test_explicit_training_attention_equals_sdpa(pad):
+    model = tiny.tiny_model(num_layers=2, dropout=NOTHING_DROPPED, heads=4).double()
+    batch = tiny.tiny_batch(pad=pad)
+    train_out = tiny.forward(model.train(), batch)                # explicit softmax path
+    eval_out = tiny.forward(model.eval(), batch)                  # scaled_dot_product_attention
+    for a, b in zip(train_out.hidden_states, eval_out.hidden_states):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def cls_only_run(cls_only, train):
+    model = tiny.tiny_model(num_layers=3, dropout=NOTHING_DROPPED, heads=4).double()
+    model.train(train)
+    model.bert.cls_only_last_layer = cls_only
+    batch = tiny.tiny_batch()
+    out = tiny.forward(model, batch)
+    out.logits.pow(2).sum().backward()
+    return out, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_cls_only_last_layer_same_logits_and_gradients(train):
+    full, full_grads = cls_only_run(False, train)
+    short, short_grads = cls_only_run(True, train)
+    torch.testing.assert_close(short.logits, full.logits, atol=1e-12, rtol=0)
+    torch.testing.assert_close(short.pooler_output, full.pooler_output, atol=1e-12, rtol=0)
+    assert short.hidden_states[-1].shape[1] == 1
+    torch.testing.assert_close(short.hidden_states[-1], full.hidden_states[-1][:, :1], atol=1e-12, rtol=0)
+    for a, b in zip(short.hidden_states[:-1], full.hidden_states[:-1]):
+        assert torch.equal(a, b)
+    for name, grad in full_grads.items():
+        assert grad is not None, name
+        torch.testing.assert_close(short_grads[name], grad, atol=1e-10, rtol=0, msg=name)
+
+
+def test_cls_only_really_skips_work(monkeypatch):
+    """The last layer's feed-forward sees one row per example, the others T."""
+    model = tiny.tiny_model(num_layers=2).eval()
+    model.bert.cls_only_last_layer = True
+    rows = []
+    for layer in model.bert.layers:
+        layer.ffn.register_forward_hook(lambda m, inputs, out: rows.append(inputs[0].shape[1]))
+    tiny.forward(model, tiny.tiny_batch(T=10))
+    assert rows == [10, 1]
+
+
+def test_regularizers_that_read_hidden_states_get_the_full_last_layer():
+    import regularizers
+    readers = {name for name in regularizers.METHODS
+               if regularizers.method_class(name).reads_hidden_states}
+    assert readers == {"lnsr"}
+    assert bert_model.BertModel(tiny.tiny_model().config).cls_only_last_layer is False
