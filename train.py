@@ -13,6 +13,7 @@ The loop, per batch (Algorithm 1, lines 3-14):
     loss.backward(); clip the gradient norm at 1.0; optimizer step; scheduler step
 """
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
@@ -149,9 +150,11 @@ def build_parser():
                    help="also report the metric on the training set at the end (generalization gap)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when available")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16: bfloat16 autocast for matrix products (weights and optimizer stay fp32). "
-                        "On CUDA, fp32 matrix products use TF32 tensor cores")
+                        "auto (default): bf16 where the hardware computes it natively (a CUDA GPU "
+                        "with bf16, a CPU with avx512_bf16 or amx_bf16), fp32 elsewhere; the choice "
+                        "is recorded in config.json. On CUDA, fp32 matrix products use TF32 tensor cores")
     p.add_argument("--log-every", type=int, default=20, help="write a log.jsonl line every N steps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     add_method_flags(p)
@@ -442,6 +445,53 @@ def pick_device(name):
     return device
 
 
+def cpu_flags() -> set:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def resolve_precision(name, device) -> str:
+    """--precision auto -> bf16 where bf16 matrix products run natively, fp32 elsewhere.
+
+    On a CPU without bf16 instructions autocast still works but emulates bf16, slower than
+    fp32, so auto falls back to fp32 there. docs/SPEED.md has the measurements behind the
+    default (speed, and RTE accuracy of bf16 runs against fp32 runs).
+    """
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return "bf16" if native else "fp32"
+
+
+def keep_freed_memory():
+    """Ask glibc to keep the large blocks a training step frees, for the next step to reuse.
+
+    Every step allocates and frees the same large tensors (a (32, 12, 128, 128) attention map is
+    25 MB). By default glibc may hand such blocks back to the kernel when they are freed (blocks
+    above its mmap threshold are unmapped; the heap's top is trimmed), and the next step then
+    page-faults the same memory back in, zero-filled by the kernel. Measured for LNSR on MiniLM,
+    batch 32 x 128: about 0.2 GB of page faults and 0.3-0.6 s of kernel time per step. A fixed
+    32 MiB mmap threshold (glibc's largest) and a 1 GiB trim threshold keep those blocks in the
+    heap. Linux with glibc only; elsewhere, or if libc cannot be loaded, this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3          # from glibc's <malloc.h>
+    mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+    mallopt(M_TRIM_THRESHOLD, 2**30)
+
+
 def load_data(args, spec, device):
     """Load the checkpoint and tokenize once for the whole grid of runs, before any run starts,
     so that a bad model or data folder stops the command without leaving half-made runs."""
@@ -493,7 +543,9 @@ def main(argv=None):
         seeds = parse_seeds(args.seeds) if args.seeds else [args.seed if args.seed is not None else 1]
         if args.threads:
             torch.set_num_threads(args.threads)
+        keep_freed_memory()
         device = pick_device(args.device)
+        args.precision = resolve_precision(args.precision, device)
         runs = [(m, s) for m in methods for s in seeds]
         todo = []
         for m, s in runs:

@@ -600,6 +600,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    train.keep_freed_memory()            # as train.py does; process-wide, so HF's model gets it too
     if args.memory_probe:
         print(json.dumps({"peak_bytes": peak_memory(json.loads(args.memory_probe))}))
         return 0

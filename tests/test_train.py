@@ -183,3 +183,27 @@ def test_bf16_autocast_runs_on_the_cpu(tmp_path):
     assert all(r["penalty"] > 0 for r in log) and 0 <= results["dev"]["acc"] <= 1
     config = json.loads((tmp_path / "runs" / "RTE" / "lnsr" / "seed1" / "config.json").read_text())
     assert config["settings"]["precision"] == "bf16" and config["device"] == "cpu"
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    assert train.resolve_precision("fp32", cpu) == "fp32"
+    assert train.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert train.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"amx_bf16"})
+    assert train.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert train.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(train, "cpu_flags", lambda: set())            # no /proc/cpuinfo
+    assert train.resolve_precision("auto", cpu) == "fp32"
+
+
+def test_precision_auto_is_recorded_resolved(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "cpu_flags", lambda: set())
+    assert run(tmp_path, "--method", "ft") == 0
+    config = json.loads((tmp_path / "runs" / "RTE" / "ft" / "seed1" / "config.json").read_text())
+    assert config["settings"]["precision"] == "fp32"
+    # The same command on bf16 hardware is another setting, not a silent reuse of the fp32 run.
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512_bf16"})
+    assert run(tmp_path, "--method", "ft") == 2
