@@ -28,6 +28,8 @@ parameter like any other loss term (Loshchilov and Hutter, 2019, on L2 versus de
 """
 from dataclasses import dataclass, field
 
+import torch
+
 from bert.errors import InputError
 from regularizers.base import Regularizer
 
@@ -50,6 +52,33 @@ def is_new(name: str, missing: set) -> bool:
     return name.startswith("classifier.") or name in missing
 
 
+class SquaredDistance(torch.autograd.Function):
+    """sum_i ||w_i - c_i||^2 over lists of tensors, and its gradient 2 (w_i - c_i).
+
+    The same as `sum((w - c).pow(2).sum() for w, c in ...)`, but with one _foreach_ kernel per
+    line over all ~100 tensors instead of an autograd graph of three ops per tensor: for
+    MiniLM's 22.7M parameters that graph cost as much as a tenth of the training step.
+    """
+
+    @staticmethod
+    def forward(ctx, centers, *ws):
+        diffs = torch._foreach_sub(ws, centers)                        # w_i - c_i
+        ctx.save_for_backward(*diffs)
+        squared_norms = torch._foreach_norm(diffs, 2.0, dtype=torch.float64)   # exact enough to square
+        return torch.stack(squared_norms).pow(2).sum().float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        diffs = ctx.saved_tensors
+        return (None, *torch._foreach_mul(diffs, 2 * grad))
+
+
+def squared_distance(ws, centers):
+    if not ws:
+        return torch.zeros(())
+    return SquaredDistance.apply(centers, *ws)
+
+
 class L2SP(Regularizer):
     name = "l2sp"
     Options = L2SPOptions
@@ -58,12 +87,13 @@ class L2SP(Regularizer):
         report = getattr(model, "load_report", None)
         missing = set(report.missing) if report is not None else set()
         # (w, w^0) pairs; w^0 is a frozen copy taken before the first step.
-        self.pretrained = [(p, p.detach().clone()) for n, p in model.named_parameters()
-                           if not is_new(n, missing)]
-        self.new = [p for n, p in model.named_parameters() if is_new(n, missing)]
+        self.w_S = [p for n, p in model.named_parameters() if not is_new(n, missing)]
+        self.w_S0 = [p.detach().clone() for p in self.w_S]
+        self.w_new = [p for n, p in model.named_parameters() if is_new(n, missing)]
+        self.zeros = [torch.zeros_like(p) for p in self.w_new]
 
     def penalty(self, model, batch, outputs):
         o = self.options
-        drift = sum((w - w0).float().pow(2).sum() for w, w0 in self.pretrained)
-        size = sum(w.float().pow(2).sum() for w in self.new)
+        drift = squared_distance(self.w_S, self.w_S0)                  # ||w_S - w_S^0||^2
+        size = squared_distance(self.w_new, self.zeros)               # ||w_new||^2
         return o.alpha / 2 * drift + o.beta / 2 * size
