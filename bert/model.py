@@ -164,8 +164,23 @@ class Layer(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, attn_mask, cls_only=False):                           # x: (B, T, H)
-        residual = x[:, :1] if cls_only else x                                  # (B, 1 or T, H)
-        x = self.attention_norm(residual + self.dropout(self.attention(x, attn_mask, cls_only)))
+        attended = self.attention(x, attn_mask, cls_only)                      # (B, 1 or T, H)
+        if cls_only:
+            return self.after_attention(x[:, :1], attended)                    # (B, 1, H)
+        if attn_mask is None or x.device.type != "cpu":
+            return self.after_attention(x, attended)
+        # Padding rows are never read by a real token (attention masks them out as keys), so
+        # everything after attention, the feed-forward block above all, runs on the real tokens
+        # only: with dynamic padding, GLUE batches are up to half padding. Their output rows
+        # are set to 0. (On a GPU the padded rows are computed: finding the real rows with
+        # nonzero() would make the host wait for the device at every layer.)
+        B, T, H = x.shape
+        real = attn_mask.reshape(B * T).nonzero().squeeze(1)                    # (N,) row ids
+        y = self.after_attention(x.reshape(B * T, H)[real], attended.reshape(B * T, H)[real])
+        return x.new_zeros(B * T, H).index_copy(0, real, y).view(B, T, H)
+
+    def after_attention(self, x, attended):                                     # (..., H) each
+        x = self.attention_norm(x + self.dropout(attended))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 

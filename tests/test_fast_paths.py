@@ -100,15 +100,43 @@ def test_cls_only_last_layer_same_logits_and_gradients(train):
         torch.testing.assert_close(short_grads[name], grad, atol=1e-10, rtol=0, msg=name)
 
 
-def test_cls_only_really_skips_work(monkeypatch):
-    """The last layer's feed-forward sees one row per example, the others T."""
-    model = tiny.tiny_model(num_layers=2).eval()
-    model.bert.cls_only_last_layer = True
+def ffn_rows(model, batch):
     rows = []
     for layer in model.bert.layers:
-        layer.ffn.register_forward_hook(lambda m, inputs, out: rows.append(inputs[0].shape[1]))
-    tiny.forward(model, tiny.tiny_batch(T=10))
-    assert rows == [10, 1]
+        layer.ffn.register_forward_hook(
+            lambda m, inputs, out: rows.append(inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0]))
+    tiny.forward(model, batch)
+    return rows
+
+
+def test_padding_rows_and_cls_only_really_skip_work():
+    """The feed-forward sees the real tokens only, and in the last layer one row per example."""
+    batch = tiny.tiny_batch(T=10, pad=(0, 3, 6))                    # 10 + 7 + 4 = 21 real tokens
+    model = tiny.tiny_model(num_layers=2).eval()
+    assert ffn_rows(model, batch) == [21, 21]
+    model = tiny.tiny_model(num_layers=2).eval()
+    model.bert.cls_only_last_layer = True
+    assert ffn_rows(model, batch) == [21, 3]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_padded_batch_equals_examples_run_one_by_one(train):
+    """Logits and gradients of a padded batch (padding rows skipped after attention) equal the
+    sum over the examples run alone, unpadded (float64, 1e-10)."""
+    batch = tiny.tiny_batch(T=10, pad=(0, 3, 6))
+    model = tiny.tiny_model(num_layers=2, dropout=NOTHING_DROPPED, heads=4).double().train(train)
+    logits = tiny.forward(model, batch).logits
+    logits.pow(2).sum().backward()
+    batched = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for i in range(3):
+        n = int(batch["attention_mask"][i].sum())
+        one = {k: v[i:i + 1, :n] for k, v in batch.items() if k != "labels"}
+        single = tiny.forward(model, one).logits
+        torch.testing.assert_close(single, logits[i:i + 1], atol=1e-12, rtol=0)
+        single.pow(2).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(batched[name], p.grad, atol=1e-10, rtol=0, msg=name)
 
 
 def test_regularizers_that_read_hidden_states_get_the_full_last_layer():
