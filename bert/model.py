@@ -16,6 +16,11 @@ Each layer is post-LayerNorm, as in the original BERT:
     a = LayerNorm(x + Dropout(Attention(x)))
     y = LayerNorm(a + Dropout(W_2 GELU(W_1 a)))
 
+Two shortcuts skip work whose result nobody reads (same values wherever they are read):
+on the CPU, everything after attention runs on the real tokens only, so a layer's output is 0
+at padding positions (Hugging Face computes values there that every later step masks out);
+and with `cls_only_last_layer` the last layer computes the [CLS] position only.
+
 Weight names differ from Hugging Face's where a shorter name reads better (and Q, K, V are one
 fused projection); bert/weights.py maps between the two explicitly.
 """
