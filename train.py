@@ -153,8 +153,10 @@ def build_parser():
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16: bfloat16 autocast for matrix products (weights and optimizer stay fp32). "
                         "auto (default): bf16 where the hardware computes it natively (a CUDA GPU "
-                        "with bf16, a CPU with avx512_bf16 or amx_bf16), fp32 elsewhere; the choice "
-                        "is recorded in config.json. On CUDA, fp32 matrix products use TF32 tensor cores")
+                        "with bf16, a CPU with avx512_bf16 or amx_bf16) for ft, l2sp and mixout; fp32 "
+                        "elsewhere and always for lnsr, noise, smart and r3f, whose noise is below bf16's "
+                        "resolution; the choice is recorded in config.json. On CUDA, fp32 matrix "
+                        "products use TF32 tensor cores")
     p.add_argument("--log-every", type=int, default=20, help="write a log.jsonl line every N steps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     add_method_flags(p)
@@ -296,14 +298,15 @@ def select_subset(features, n=None, fraction=None, seed=0):
 
 # Flags that do not change what a run computes.
 NOT_SETTINGS = ("method", "methods", "seed", "seeds", "output_dir", "threads", "log_every", "save_model",
-                "data_dir")
+                "data_dir", "native_bf16")
 
 
 def run_settings(args, spec, method_name, seed) -> dict:
     """Everything that defines one run's result, as recorded in its config.json."""
-    _, options = method_options(method_name, args)
+    method_cls, options = method_options(method_name, args)
     settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS and "__" not in k}
     settings.update(task=spec.name, method=method_name, seed=seed,
+                    precision=resolve_precision(args.precision, method_cls, args.native_bf16),
                     data_seed=args.data_seed if args.data_seed is not None else seed,
                     init_seed=args.init_seed if args.init_seed is not None else seed,
                     method_options=dataclasses.asdict(options) if options else {})
@@ -372,7 +375,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
             if step >= total_steps:
                 break
             batch = to_device(batch, device)
-            with autocast(device, args.precision):
+            with autocast(device, settings["precision"]):
                 outputs = model(*(batch[k] for k in MODEL_INPUTS))
                 loss = task_loss(outputs.logits, batch["labels"], spec.is_regression)
                 penalty = method.penalty(model, batch, outputs)
@@ -412,7 +415,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
     log.close()
     train_seconds = time.time() - start
 
-    dev_metrics = evaluate(model, dev, spec.name, args.eval_batch_size, device, args.precision)
+    dev_metrics = evaluate(model, dev, spec.name, args.eval_batch_size, device, settings["precision"])
     results = {"task": spec.name, "method": method_name, "seed": seed, "metric": spec.main_metric,
                "dev": dev_metrics, "train_seconds": round(train_seconds, 2), "steps": total_steps,
                "n_train": len(train.input_ids), "n_dev": len(dev.input_ids),
@@ -420,7 +423,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
                "max_train_samples": args.max_train_samples, "train_fraction": args.train_fraction,
                "max_eval_samples": args.max_eval_samples, "method_options": settings["method_options"]}
     if args.eval_train:
-        results["train"] = evaluate(model, train, spec.name, args.eval_batch_size, device, args.precision)
+        results["train"] = evaluate(model, train, spec.name, args.eval_batch_size, device, settings["precision"])
     if args.save_model:
         model.save_pretrained(run_dir / "model", tokenizer=data.tokenizer, label_names=spec.label_names)
     write_json(run_dir / "results.json", results)
@@ -454,20 +457,29 @@ def cpu_flags() -> set:
         return set()
 
 
-def resolve_precision(name, device) -> str:
-    """--precision auto -> bf16 where bf16 matrix products run natively, fp32 elsewhere.
-
-    On a CPU without bf16 instructions autocast still works but emulates bf16, slower than
-    fp32, so auto falls back to fp32 there. docs/SPEED.md has the measurements behind the
-    default (speed, and RTE accuracy of bf16 runs against fp32 runs).
-    """
-    if name != "auto":
-        return name
+def native_bf16(device) -> bool:
+    """Does the hardware compute bf16 matrix products natively?"""
     if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-    return "bf16" if native else "fp32"
+        return torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def resolve_precision(requested, method_cls, native: bool) -> str:
+    """--precision auto -> bf16 where bf16 runs natively and the method tolerates it, else fp32.
+
+    On a CPU without bf16 instructions autocast emulates bf16, slower than fp32. And methods
+    that perturb hidden states (`Regularizer.needs_fp32`: lnsr, noise, smart, r3f) need fp32:
+    their noise (sigma 1e-3 to 1e-5) is far below bf16's resolution (8 bits of mantissa, steps of
+    ~0.4% of a value), so in bf16 it is mostly rounded away and a penalty such as LNSR's measures
+    rounding error instead (MiniLM, sigma 1e-4: 1.42 in bf16 against 0.00097 in fp32).
+    docs/SPEED.md has the measurements behind the default.
+    """
+    if requested == "bf16" and method_cls.needs_fp32:
+        raise InputError(f"--precision bf16 with {method_cls.name}: its perturbations are below bf16's "
+                         "resolution, so its penalty would measure rounding error; use fp32 (auto picks it)")
+    if requested == "auto":
+        return "bf16" if native and not method_cls.needs_fp32 else "fp32"
+    return requested
 
 
 def keep_freed_memory():
@@ -545,7 +557,9 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         keep_freed_memory()
         device = pick_device(args.device)
-        args.precision = resolve_precision(args.precision, device)
+        args.native_bf16 = native_bf16(device)
+        for m in methods:                         # bf16 with a method that needs fp32 fails here
+            resolve_precision(args.precision, method_options(m, args)[0], args.native_bf16)
         runs = [(m, s) for m in methods for s in seeds]
         todo = []
         for m, s in runs:

@@ -90,6 +90,7 @@ class LNSR(Regularizer):
     name = "lnsr"
     Options = LNSROptions
     reads_hidden_states = True             # every layer b..L, at every position
+    needs_fp32 = True
 
     def setup(self, model, seed):
         o = self.options

@@ -46,6 +46,7 @@ class NoiseOptions:
 
 class FTNoise(Regularizer):
     name = "noise"
+    needs_fp32 = True
     Options = NoiseOptions
 
     def setup(self, model, seed):

@@ -57,6 +57,7 @@ class R3FOptions:
 
 class R3F(Regularizer):
     name = "r3f"
+    needs_fp32 = True
     Options = R3FOptions
 
     def setup(self, model, seed):

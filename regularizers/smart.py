@@ -179,6 +179,7 @@ def model_inputs(batch):
 
 class SMART(Regularizer):
     name = "smart"
+    needs_fp32 = True
     Options = SMARTOptions
 
     def setup(self, model, seed):

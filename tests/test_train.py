@@ -178,25 +178,53 @@ def test_evaluate_a_run_without_a_saved_model(tmp_path, capsys):
 
 
 def test_bf16_autocast_runs_on_the_cpu(tmp_path):
-    assert run(tmp_path, "--method", "lnsr", "--precision", "bf16") == 0
-    results, log = read_run(tmp_path, "lnsr", 1)
+    assert run(tmp_path, "--method", "l2sp", "--precision", "bf16") == 0
+    results, log = read_run(tmp_path, "l2sp", 1)
     assert all(r["penalty"] > 0 for r in log) and 0 <= results["dev"]["acc"] <= 1
-    config = json.loads((tmp_path / "runs" / "RTE" / "lnsr" / "seed1" / "config.json").read_text())
+    config = json.loads((tmp_path / "runs" / "RTE" / "l2sp" / "seed1" / "config.json").read_text())
     assert config["settings"]["precision"] == "bf16" and config["device"] == "cpu"
 
 
-def test_precision_auto_follows_the_hardware(monkeypatch):
+@pytest.mark.parametrize("method", ["lnsr", "noise", "smart", "r3f"])
+def test_bf16_is_refused_for_methods_whose_noise_it_would_round_away(tmp_path, capsys, method):
+    assert run(tmp_path, "--method", method, "--precision", "bf16") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --precision bf16 with {method}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_lnsr_penalty_in_bf16_would_measure_rounding_error():
+    """Why those methods need fp32: at sigma = 1e-4 the bf16 penalty is rounding, not noise."""
+    import tiny
+    from regularizers.lnsr import LNSR, LNSROptions
+    model = tiny.tiny_model(num_layers=2, dropout=0.0).train()
+    batch = tiny.tiny_batch()
+    penalties = {}
+    for precision in ("fp32", "bf16"):
+        method = LNSR(LNSROptions(sigma=1e-4))
+        method.setup(model, 0)
+        with torch.no_grad(), train.autocast(torch.device("cpu"), precision):
+            penalties[precision] = float(method.penalty(model, batch, tiny.forward(model, batch)))
+    assert penalties["bf16"] > 100 * penalties["fp32"] > 0
+
+
+def test_precision_auto_follows_the_hardware_and_the_method(monkeypatch):
+    from regularizers import method_class
+    ft, lnsr = method_class("ft"), method_class("lnsr")
+    assert train.resolve_precision("fp32", ft, True) == "fp32"
+    assert train.resolve_precision("bf16", ft, False) == "bf16"
+    assert train.resolve_precision("auto", ft, True) == "bf16"
+    assert train.resolve_precision("auto", ft, False) == "fp32"
+    assert train.resolve_precision("auto", lnsr, True) == "fp32"        # noise below bf16's steps
     cpu = torch.device("cpu")
-    assert train.resolve_precision("fp32", cpu) == "fp32"
-    assert train.resolve_precision("bf16", cpu) == "bf16"
     monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    assert train.resolve_precision("auto", cpu) == "bf16"
+    assert train.native_bf16(cpu)
     monkeypatch.setattr(train, "cpu_flags", lambda: {"amx_bf16"})
-    assert train.resolve_precision("auto", cpu) == "bf16"
+    assert train.native_bf16(cpu)
     monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f"})
-    assert train.resolve_precision("auto", cpu) == "fp32"
+    assert not train.native_bf16(cpu)
     monkeypatch.setattr(train, "cpu_flags", lambda: set())            # no /proc/cpuinfo
-    assert train.resolve_precision("auto", cpu) == "fp32"
+    assert not train.native_bf16(cpu)
 
 
 def test_precision_auto_is_recorded_resolved(tmp_path, monkeypatch):
@@ -207,3 +235,7 @@ def test_precision_auto_is_recorded_resolved(tmp_path, monkeypatch):
     # The same command on bf16 hardware is another setting, not a silent reuse of the fp32 run.
     monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512_bf16"})
     assert run(tmp_path, "--method", "ft") == 2
+    assert run(tmp_path, "--methods", "ft,lnsr", out="grid") == 0    # one grid, two precisions
+    settings = {m: json.loads((tmp_path / "grid" / "RTE" / m / "seed1" / "config.json").read_text())["settings"]
+                for m in ("ft", "lnsr")}
+    assert settings["ft"]["precision"] == "bf16" and settings["lnsr"]["precision"] == "fp32"
