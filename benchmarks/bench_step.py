@@ -528,7 +528,7 @@ def cpuinfo(key) -> str:
 
 def machine_description(device) -> str:
     cpu = cpuinfo("model name") or platform.processor() or platform.machine()
-    flags = set(cpuinfo("flags").split())
+    flags = train.cpu_flags()
     bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
     text = (f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
             f"{', ' + ' '.join(bf16) if bf16 else ''}")
