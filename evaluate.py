@@ -31,12 +31,19 @@ REQUIRED_KEYS = ("task", "method", "seed", "metric", "dev")
 
 # ----------------------------------------------------------------------------- summaries
 
-def read_runs(root: Path):
-    """(runs, problems): every readable results.json below root, and what was wrong elsewhere."""
-    if not root.is_dir():
-        raise InputError(f"{root}: not a folder")
+def read_runs(*roots: Path):
+    """(runs, problems): every readable results.json below the roots, and what was wrong elsewhere.
+
+    Several roots are read as one collection (two rounds of a sweep, say): a run that repeats the
+    task, method, options and seed of one already read is reported and not counted twice.
+    """
+    for root in roots:
+        if not root.is_dir():
+            raise InputError(f"{root}: not a folder")
+    config_files = sorted(c for root in roots for c in root.rglob("config.json"))
+    results_files = sorted(r for root in roots for r in root.rglob("results.json"))
     runs, problems, seen = [], [], {}
-    for config in sorted(root.rglob("config.json")):
+    for config in config_files:
         run_dir = config.parent
         if run_dir.name == "model":                    # a saved checkpoint's config, not a run
             continue
@@ -49,7 +56,7 @@ def read_runs(root: Path):
             problems.append(f"{run_dir}: failed ({reason})")
         elif not results.exists():
             problems.append(f"{run_dir}: no results.json (unfinished run?)")
-    for results in sorted(root.rglob("results.json")):
+    for results in results_files:
         try:
             r = json.loads(results.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -190,15 +197,15 @@ def markdown(table, baseline="ft"):
 def cmd_summarize(argv):
     p = argparse.ArgumentParser(prog="evaluate.py summarize",
                                 description="Mean, std, median, min, max and Welch p-values over seeds.")
-    p.add_argument("dir", help="a folder of runs (train.py --output-dir)")
+    p.add_argument("dir", nargs="+", help="one or more folders of runs (train.py --output-dir), read as one collection")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     p.add_argument("--baseline", default="ft", help="method the p-values compare against")
     args = p.parse_args(argv)
-    runs, problems = read_runs(Path(args.dir))
+    runs, problems = read_runs(*map(Path, args.dir))
     for line in problems:
         print(f"skipped: {line}", file=sys.stderr)
     if not runs:
-        raise InputError(f"{args.dir}: no readable results.json below this folder")
+        raise InputError(f"{' '.join(args.dir)}: no readable results.json below {'this folder' if len(args.dir) == 1 else 'these folders'}")
     table = summarize(runs, args.baseline)
     if args.json:
         # JSON has no NaN: an undefined statistic (the std of one run) is null.

@@ -105,3 +105,21 @@ def test_json_has_null_not_nan_for_a_single_run(tmp_path, capsys):
     assert evaluate.main(["summarize", str(tmp_path), "--json"]) == 0
     out = capsys.readouterr().out
     assert "NaN" not in out and json.loads(out)["RTE"]["ft"]["std"] is None
+
+
+def test_several_folders_are_read_as_one_collection(tmp_path, capsys):
+    # Two rounds of a sweep in two output folders, summarized together; a run repeated in the
+    # second folder is reported and counted once.
+    make_runs(tmp_path / "round2", ft=FT)
+    make_runs(tmp_path / "round3", lnsr=LNSR, ft=FT[:1])
+    assert evaluate.main(["summarize", str(tmp_path / "round2"), str(tmp_path / "round3"), "--json"]) == 0
+    captured = capsys.readouterr()
+    table = json.loads(captured.out)["RTE"]
+    assert table["ft"]["n"] == 4 and table["lnsr"]["n"] == 5
+    assert table["lnsr"]["p_vs_ft"] == pytest.approx(
+        stats.ttest_ind(100 * np.array(LNSR), 100 * np.array(FT), equal_var=False).pvalue)
+    assert captured.err.count("not counted twice") == 1
+    # A missing folder among several is named, and nothing is printed as a table.
+    assert evaluate.main(["summarize", str(tmp_path / "round2"), str(tmp_path / "nope")]) == 2
+    captured = capsys.readouterr()
+    assert "nope: not a folder" in captured.err and captured.out == ""
