@@ -122,14 +122,23 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x, attn_mask, cls_only=False):
+    def forward(self, x, attn_mask, cls_only=False, real_rows=None):
         """x: (B, T, H) -> (B, T, H); with cls_only, (B, 1, H): the [CLS] query alone.
 
         attn_mask is (B, 1, 1, T) bool (True = a real token) or None when nothing is padded.
+        With real_rows, the (N,) indices of the real tokens among the B*T positions, x holds
+        those tokens alone, (N, H), and so does the output (unless cls_only): the Q, K, V and
+        output projections then skip the padding. Padding positions enter the attention
+        product with q = k = v = 0; as keys they are masked, and their query rows are dropped.
         """
-        B, T, H = x.shape
-        # (B, T, 3H) -> three (B, h, T, d)
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_size).permute(2, 0, 3, 1, 4)
+        if real_rows is None:
+            B, T, H = x.shape
+            qkv = self.qkv(x)                                                     # (B, T, 3H)
+        else:
+            B, T, H = attn_mask.shape[0], attn_mask.shape[-1], x.shape[-1]
+            qkv = x.new_zeros(B * T, 3 * H).index_copy(0, real_rows, self.qkv(x))  # (B*T, 3H)
+        # -> three (B, h, T, d)
+        q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_size).permute(2, 0, 3, 1, 4)
         if cls_only:
             q = q[:, :, :1]                           # (B, h, 1, d): keys and values from every token
         p = self.attn_dropout if self.training else 0.0
@@ -144,6 +153,8 @@ class SelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, -1, H)                                       # (B, Tq, H)
+        if real_rows is not None and not cls_only:
+            y = y.reshape(B * T, H)[real_rows]                                        # (N, H)
         return self.out(y)
 
 
@@ -168,19 +179,22 @@ class Layer(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, attn_mask, cls_only=False):                           # x: (B, T, H)
-        attended = self.attention(x, attn_mask, cls_only)                      # (B, 1 or T, H)
-        if cls_only:
-            return self.after_attention(x[:, :1], attended)                    # (B, 1, H)
         if attn_mask is None or x.device.type != "cpu":
-            return self.after_attention(x, attended)
-        # Padding rows are never read by a real token (attention masks them out as keys), so
-        # everything after attention, the feed-forward block above all, runs on the real tokens
-        # only: with dynamic padding, GLUE batches are up to half padding. Their output rows
-        # are set to 0. (On a GPU the padded rows are computed: finding the real rows with
-        # nonzero() would make the host wait for the device at every layer.)
+            attended = self.attention(x, attn_mask, cls_only)                  # (B, 1 or T, H)
+            return self.after_attention(x[:, :1] if cls_only else x, attended)
+        # Padding positions are never read by a real token (attention masks them out as keys),
+        # so on the CPU the layer runs on the real tokens only: the Q, K, V and output
+        # projections, the feed-forward block and the LayerNorms. With dynamic padding, GLUE
+        # batches are up to half padding. Output rows at padding are set to 0. (On a GPU the
+        # padded rows are computed: finding the real rows with nonzero() would make the host
+        # wait for the device at every layer.)
         B, T, H = x.shape
         real = attn_mask.reshape(B * T).nonzero().squeeze(1)                    # (N,) row ids
-        y = self.after_attention(x.reshape(B * T, H)[real], attended.reshape(B * T, H)[real])
+        x_real = x.reshape(B * T, H)[real]                                      # (N, H)
+        attended = self.attention(x_real, attn_mask, cls_only, real_rows=real)  # (N or B.., H)
+        if cls_only:
+            return self.after_attention(x[:, :1], attended)                    # (B, 1, H)
+        y = self.after_attention(x_real, attended)                             # (N, H)
         return x.new_zeros(B * T, H).index_copy(0, real, y).view(B, T, H)
 
     def after_attention(self, x, attended):                                     # (..., H) each

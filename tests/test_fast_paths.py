@@ -100,23 +100,28 @@ def test_cls_only_last_layer_same_logits_and_gradients(train):
         torch.testing.assert_close(short_grads[name], grad, atol=1e-10, rtol=0, msg=name)
 
 
-def ffn_rows(model, batch):
+def rows_seen(model, batch, module_name):
+    """Rows of the input of each layer's `module_name` (ffn, attention.qkv, attention.out)."""
     rows = []
     for layer in model.bert.layers:
-        layer.ffn.register_forward_hook(
+        layer.get_submodule(module_name).register_forward_hook(
             lambda m, inputs, out: rows.append(inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0]))
     tiny.forward(model, batch)
     return rows
 
 
 def test_padding_rows_and_cls_only_really_skip_work():
-    """The feed-forward sees the real tokens only, and in the last layer one row per example."""
+    """The projections and the feed-forward see the real tokens only, and in the last layer the
+    output projection and the feed-forward one row per example (its keys still need every token)."""
     batch = tiny.tiny_batch(T=10, pad=(0, 3, 6))                    # 10 + 7 + 4 = 21 real tokens
-    model = tiny.tiny_model(num_layers=2).eval()
-    assert ffn_rows(model, batch) == [21, 21]
-    model = tiny.tiny_model(num_layers=2).eval()
-    model.bert.cls_only_last_layer = True
-    assert ffn_rows(model, batch) == [21, 3]
+    for name in ("ffn", "attention.qkv", "attention.out"):
+        model = tiny.tiny_model(num_layers=2).eval()
+        assert rows_seen(model, batch, name) == [21, 21], name
+    expected_cls_only = {"ffn": [21, 3], "attention.qkv": [21, 21], "attention.out": [21, 3]}
+    for name, rows in expected_cls_only.items():
+        model = tiny.tiny_model(num_layers=2).eval()
+        model.bert.cls_only_last_layer = True
+        assert rows_seen(model, batch, name) == rows, name
 
 
 @pytest.mark.parametrize("train", [False, True])
