@@ -136,7 +136,8 @@ class SelfAttention(nn.Module):
             qkv = self.qkv(x)                                                     # (B, T, 3H)
         else:
             B, T, H = attn_mask.shape[0], attn_mask.shape[-1], x.shape[-1]
-            qkv = x.new_zeros(B * T, 3 * H).index_copy_(0, real_rows, self.qkv(x))  # (B*T, 3H)
+            qkv_real = self.qkv(x)                                                # (N, 3H)
+            qkv = qkv_real.new_zeros(B * T, 3 * H).index_copy_(0, real_rows, qkv_real)  # (B*T, 3H)
         # -> three (B, h, T, d)
         q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_size).permute(2, 0, 3, 1, 4)
         if cls_only:
@@ -195,7 +196,7 @@ class Layer(nn.Module):
         if cls_only:
             return self.after_attention(x[:, :1], attended)                    # (B, 1, H)
         y = self.after_attention(x_real, attended)                             # (N, H)
-        return x.new_zeros(B * T, H).index_copy_(0, real, y).view(B, T, H)
+        return y.new_zeros(B * T, H).index_copy_(0, real, y).view(B, T, H)
 
     def after_attention(self, x, attended):                                     # (..., H) each
         x = self.attention_norm(x + self.dropout(attended))
