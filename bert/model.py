@@ -21,8 +21,8 @@ on the CPU, everything after attention runs on the real tokens only, so a layer'
 at padding positions (Hugging Face computes values there that every later step masks out);
 and with `cls_only_last_layer` the last layer computes the [CLS] position only.
 
-Weight names differ from Hugging Face's where a shorter name reads better (and Q, K, V are one
-fused projection); bert/weights.py maps between the two explicitly.
+Weight names differ from Hugging Face's where a shorter name reads better; bert/weights.py maps
+between the two explicitly.
 """
 import math
 from dataclasses import dataclass
@@ -112,36 +112,49 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention. One (3H x H) projection computes Q, K and V together."""
+    """Multi-head self-attention: softmax(Q K^T / sqrt(d) + mask) V per head, then a projection.
+
+    Q, K and V are three `nn.Linear`s, as in BERT and in Hugging Face's checkpoints. That lets
+    the [CLS]-only last layer compute one query per example, and gives Mixout (which replaces
+    each `nn.Linear`) a mask of its own for each, as in Lee et al.'s code.
+    """
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.head_size = config.head_size
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x, attn_mask, cls_only=False, real_rows=None):
-        """x: (B, T, H) -> (B, T, H); with cls_only, (B, 1, H): the [CLS] query alone.
+    def forward(self, x, attn_mask, cls_query=None, real_rows=None):
+        """x: (B, T, H) -> (B, T, H); with cls_query, (B, 1, H).
 
         attn_mask is (B, 1, 1, T) bool (True = a real token) or None when nothing is padded.
-        With real_rows, the (N,) indices of the real tokens among the B*T positions, x holds
-        those tokens alone, (N, H), and so does the output (unless cls_only): the Q, K, V and
-        output projections then skip the padding. Padding positions enter the attention
-        product with q = k = v = 0; as keys they are masked, and their query rows are dropped.
+        cls_query: the (B, 1, H) rows that make the queries, [CLS] alone (the last layer when only
+        the pooler reads it); keys and values still come from every token.
+        real_rows: the (N,) indices of the real tokens among the B*T positions. x then holds
+        those tokens alone, (N, H), and so does the output (unless cls_query is given): the
+        projections skip the padding. Padding positions enter the attention product with
+        q = k = v = 0; as keys they are masked, and their query rows are dropped.
         """
         if real_rows is None:
             B, T, H = x.shape
-            qkv = self.qkv(x)                                                     # (B, T, 3H)
         else:
             B, T, H = attn_mask.shape[0], attn_mask.shape[-1], x.shape[-1]
-            qkv_real = self.qkv(x)                                                # (N, 3H)
-            qkv = qkv_real.new_zeros(B * T, 3 * H).index_copy_(0, real_rows, qkv_real)  # (B*T, 3H)
-        # -> three (B, h, T, d)
-        q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_size).permute(2, 0, 3, 1, 4)
-        if cls_only:
-            q = q[:, :, :1]                           # (B, h, 1, d): keys and values from every token
+
+        def split_heads(projected):                     # (B, T, H) or (N, H) -> (B, h, T, d)
+            if real_rows is not None:
+                projected = projected.new_zeros(B * T, H).index_copy_(0, real_rows, projected)
+            return projected.view(B, -1, self.n_heads, self.head_size).transpose(1, 2)
+
+        k, v = split_heads(self.key(x)), split_heads(self.value(x))                  # (B, h, T, d)
+        if cls_query is None:
+            q = split_heads(self.query(x))                                            # (B, h, T, d)
+        else:
+            q = self.query(cls_query).view(B, 1, self.n_heads, self.head_size).transpose(1, 2)
         p = self.attn_dropout if self.training else 0.0
         if p > 0.0 and x.device.type == "cpu":
             # softmax(Q K^T / sqrt(d) + mask) V written out: on a CPU, SDPA with dropout takes
@@ -154,7 +167,7 @@ class SelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, -1, H)                                       # (B, Tq, H)
-        if real_rows is not None and not cls_only:
+        if real_rows is not None and cls_query is None:
             y = y.reshape(B * T, H)[real_rows]                                        # (N, H)
         return self.out(y)
 
@@ -180,8 +193,9 @@ class Layer(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, attn_mask, cls_only=False):                           # x: (B, T, H)
+        cls_query = x[:, :1] if cls_only else None                              # (B, 1, H)
         if attn_mask is None or x.device.type != "cpu":
-            attended = self.attention(x, attn_mask, cls_only)                  # (B, 1 or T, H)
+            attended = self.attention(x, attn_mask, cls_query)                 # (B, 1 or T, H)
             return self.after_attention(x[:, :1] if cls_only else x, attended)
         # Padding positions are never read by a real token (attention masks them out as keys),
         # so on the CPU the layer runs on the real tokens only: the Q, K, V and output
@@ -192,7 +206,7 @@ class Layer(nn.Module):
         B, T, H = x.shape
         real = attn_mask.reshape(B * T).nonzero().squeeze(1)                    # (N,) row ids
         x_real = x.reshape(B * T, H)[real]                                      # (N, H)
-        attended = self.attention(x_real, attn_mask, cls_only, real_rows=real)  # (N or B.., H)
+        attended = self.attention(x_real, attn_mask, cls_query, real_rows=real)  # (N or B.., H)
         if cls_only:
             return self.after_attention(x[:, :1], attended)                    # (B, 1, H)
         y = self.after_attention(x_real, attended)                             # (N, H)

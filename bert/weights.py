@@ -32,13 +32,14 @@ EMBEDDINGS_AND_POOLER = {
     "pooler.dense.bias": "pooler.dense.bias",
 }
 
-# ours -> HF inside layer i (`layers.{i}.` here, `encoder.layer.{i}.` there). Q, K and V are
-# three tensors in HF and one fused (3H, H) projection here: a list means "concatenated on dim 0".
+# ours -> HF inside layer i (`layers.{i}.` here, `encoder.layer.{i}.` there).
 LAYER = {
-    "attention.qkv.weight": ["attention.self.query.weight", "attention.self.key.weight",
-                             "attention.self.value.weight"],
-    "attention.qkv.bias": ["attention.self.query.bias", "attention.self.key.bias",
-                           "attention.self.value.bias"],
+    "attention.query.weight": "attention.self.query.weight",
+    "attention.query.bias": "attention.self.query.bias",
+    "attention.key.weight": "attention.self.key.weight",
+    "attention.key.bias": "attention.self.key.bias",
+    "attention.value.weight": "attention.self.value.weight",
+    "attention.value.bias": "attention.self.value.bias",
     "attention.out.weight": "attention.output.dense.weight",
     "attention.out.bias": "attention.output.dense.bias",
     "attention_norm.weight": "attention.output.LayerNorm.weight",
@@ -59,12 +60,11 @@ IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")   # buff
 
 
 def name_map(num_layers: int) -> dict:
-    """Every parameter of our BertModel -> its HF name (or list of names, concatenated)."""
+    """Every parameter of our BertModel -> its HF name."""
     names = dict(EMBEDDINGS_AND_POOLER)
     for i in range(num_layers):
         for ours, hf in LAYER.items():
-            hf_names = [f"encoder.layer.{i}.{h}" for h in hf] if isinstance(hf, list) else f"encoder.layer.{i}.{hf}"
-            names[f"layers.{i}.{ours}"] = hf_names
+            names[f"layers.{i}.{ours}"] = f"encoder.layer.{i}.{hf}"
     return names
 
 
@@ -148,31 +148,22 @@ def load_pretrained(name_or_path, num_labels: int | None, verbose: bool = True):
     used = set()
     with torch.no_grad():
         for ours, hf in targets.items():
-            hf_names = hf if isinstance(hf, list) else [hf]
-            if not all(h in tensors for h in hf_names):
+            if hf not in tensors:
                 report.missing.append(ours)
                 continue
-            parts = [tensors[h] for h in hf_names]
-            expected = tuple(params[ours].shape)
-            # Q, K and V must each be a third of the fused shape: checked before torch.cat,
-            # which fails on unequal columns and would accept e.g. 400 + 368 + 384 rows.
-            third = (expected[0] // len(parts), *expected[1:])
-            fits = all(tuple(t.shape) == third for t in parts)
-            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0) if fits else None
+            value, expected = tensors[hf], tuple(params[ours].shape)
             if ours.startswith("classifier.") and tuple(value.shape) != expected:
                 report.notes.append(f"checkpoint head {tuple(value.shape)} does not fit "
                                     f"num_labels={num_labels}: a new head is initialised")
                 report.missing.append(ours)
-                used.update(hf_names)
+                used.add(hf)
                 continue
-            if value is None or tuple(value.shape) != expected:
-                names = " + ".join(raw_names[h] for h in hf_names)
-                shapes = " + ".join(str(tuple(tensors[h].shape)) for h in hf_names)
-                raise InputError(f"{file}: tensor {names} has shape {shapes}, but "
-                                 f"config.json gives {ours} the shape {expected}")
+            if tuple(value.shape) != expected:
+                raise InputError(f"{file}: tensor {raw_names[hf]} has shape {tuple(value.shape)}, "
+                                 f"but config.json gives {ours} the shape {expected}")
             params[ours].copy_(value.to(params[ours].dtype))
-            used.update(hf_names)
-            report.loaded += len(hf_names)
+            used.add(hf)
+            report.loaded += 1
     report.unexpected = sorted(raw_names[k] for k in tensors if k not in used)
 
     # Only the pooler and the head may be absent: anything else means a broken or foreign file.
@@ -195,15 +186,8 @@ def load_pretrained(name_or_path, num_labels: int | None, verbose: bool = True):
 def hf_state_dict(model: BertClassifier) -> dict:
     """Our classifier's weights under BertForSequenceClassification's names."""
     ours = dict(model.state_dict())
-    out = {}
-    H = model.config.hidden_size
-    for name, hf in name_map(model.config.num_hidden_layers).items():
-        tensor = ours[f"bert.{name}"]
-        if isinstance(hf, list):                      # split the fused QKV back into Q, K, V
-            for hf_name, part in zip(hf, tensor.split(H, dim=0)):
-                out[f"bert.{hf_name}"] = part
-        else:
-            out[f"bert.{hf}"] = tensor
+    out = {f"bert.{hf}": ours[f"bert.{name}"]
+           for name, hf in name_map(model.config.num_hidden_layers).items()}
     for name, hf in HEAD.items():
         out[hf] = ours[name]
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}

@@ -18,9 +18,8 @@ As in Lee et al.'s experiments (Section 6) and the authors' Hugging Face example
 and the head becomes a `MixLinear`, and every dropout probability is set to 0, attention-
 probability dropout included (`SelfAttention.attn_dropout`, a float, as SDPA takes it). The
 new head mixes with its own initial value (Lee et al., Section 6.2: mixout(w_0) for the
-randomly initialised output layer). The fused Q/K/V projection is one (3H x H) linear layer,
-so Q, K and V share one column mask per step, where Hugging Face's three separate layers would
-draw three.
+randomly initialised output layer). Q, K and V are three linear layers, as in Hugging Face's
+BERT that the authors' example patches, so each draws its own column mask.
 
 Default p = 0.9: the value of the authors' own examples (example.py, example_huggingface.py);
 their BERT-Large experiments on RTE, MRPC, CoLA and STS-B, the tasks of Hua et al.'s Table 1,

@@ -101,7 +101,7 @@ def test_cls_only_last_layer_same_logits_and_gradients(train):
 
 
 def rows_seen(model, batch, module_name):
-    """Rows of the input of each layer's `module_name` (ffn, attention.qkv, attention.out)."""
+    """Rows of the input of each layer's `module_name` (ffn, attention.query, attention.out)."""
     rows = []
     for layer in model.bert.layers:
         layer.get_submodule(module_name).register_forward_hook(
@@ -112,12 +112,15 @@ def rows_seen(model, batch, module_name):
 
 def test_padding_rows_and_cls_only_really_skip_work():
     """The projections and the feed-forward see the real tokens only, and in the last layer the
-    output projection and the feed-forward one row per example (its keys still need every token)."""
+    query, the output projection and the feed-forward one row per example (keys and values still
+    need every token)."""
     batch = tiny.tiny_batch(T=10, pad=(0, 3, 6))                    # 10 + 7 + 4 = 21 real tokens
-    for name in ("ffn", "attention.qkv", "attention.out"):
+    names = ("ffn", "attention.query", "attention.key", "attention.value", "attention.out")
+    for name in names:
         model = tiny.tiny_model(num_layers=2).eval()
         assert rows_seen(model, batch, name) == [21, 21], name
-    expected_cls_only = {"ffn": [21, 3], "attention.qkv": [21, 21], "attention.out": [21, 3]}
+    expected_cls_only = {"ffn": [21, 3], "attention.query": [21, 3], "attention.key": [21, 21],
+                         "attention.value": [21, 21], "attention.out": [21, 3]}
     for name, rows in expected_cls_only.items():
         model = tiny.tiny_model(num_layers=2).eval()
         model.bert.cls_only_last_layer = True

@@ -153,6 +153,20 @@ def test_mixout_masks_whole_input_columns_and_averages_to_w():
     assert abs(kept / n_cols - (1 - p)) < 5 * (p * (1 - p) / n_cols) ** 0.5
 
 
+def test_mixout_draws_separate_masks_for_query_key_and_value():
+    """As in HF BERT, which the authors' example patches: three layers, three column masks."""
+    model = tiny_model()
+    set_up(Mixout(MixoutOptions(p=0.5)), model)
+    attention = model.bert.layers[0].attention
+    masks = []
+    with torch.no_grad():
+        for layer in (attention.query, attention.key, attention.value):
+            layer.weight.add_(1.0)                                   # w != w0 in every entry
+            mixed = layer.mixed_weight()
+            masks.append(~torch.isclose(mixed, layer.target).all(dim=0))   # kept columns, (in,)
+    assert not (torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2]))
+
+
 def test_mixout_eval_mode_is_deterministic_and_uses_w():
     mix = mix_layer(p=0.9).eval()
     x = torch.randn(5, 6)
@@ -168,7 +182,7 @@ def test_mixout_setup_swaps_every_linear_and_turns_dropout_off():
     head_init = model.classifier.weight.detach().clone()
     set_up(Mixout(MixoutOptions(p=0.9)), model)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert len(linears) == 4 * L + 2                         # qkv, out, up, down per layer; pooler; head
+    assert len(linears) == 6 * L + 2                # query, key, value, out, up, down per layer; pooler; head
     assert all(isinstance(m, MixLinear) for m in linears)
     assert all(m.p == 0 for m in model.modules() if isinstance(m, nn.Dropout))
     assert all(m.attn_dropout == 0 for m in model.modules() if isinstance(m, SelfAttention))

@@ -124,9 +124,9 @@ def reference(small):
     p = model.state_dict()
     for i in range(2):
         hf = f"encoder.layer.{i}."
-        for kind in ("weight", "bias"):         # Q, K, V fused in this order
-            fused = torch.cat([tensors[f"{hf}attention.self.{n}.{kind}"] for n in ("query", "key", "value")])
-            assert torch.equal(p[f"layers.{i}.attention.qkv.{kind}"], fused)
+        for kind in ("weight", "bias"):
+            for n in ("query", "key", "value"):
+                assert torch.equal(p[f"layers.{i}.attention.{n}.{kind}"], tensors[f"{hf}attention.self.{n}.{kind}"])
             assert torch.equal(p[f"layers.{i}.attention_norm.{kind}"], tensors[f"{hf}attention.output.LayerNorm.{kind}"])
             assert torch.equal(p[f"layers.{i}.attention.out.{kind}"], tensors[f"{hf}attention.output.dense.{kind}"])
             assert torch.equal(p[f"layers.{i}.ffn.up.{kind}"], tensors[f"{hf}intermediate.dense.{kind}"])
@@ -297,22 +297,13 @@ def test_safetensors_missing(small, tmp_path):
 @pytest.mark.parametrize("tensor,bad_shape,expected_shape", [
     ("encoder.layer.1.intermediate.dense.weight", (100, 384), (1536, 384)),
     ("embeddings.word_embeddings.weight", (999, 384), (1000, 384)),
-    ("encoder.layer.0.attention.self.key.weight", (384, 100), (1152, 384)),   # Q, K, V are fused
+    ("encoder.layer.0.attention.self.key.weight", (384, 100), (384, 384)),
 ])
 def test_shape_mismatch_names_tensor_and_shapes(small, tmp_path, tensor, bad_shape, expected_shape):
     tensors, config, _ = small
     write_checkpoint(tmp_path, {**tensors, tensor: torch.zeros(bad_shape)}, config)
     message = load_error(tmp_path)
     assert tensor in message and str(bad_shape) in message and str(expected_shape) in message
-
-
-def test_fused_qkv_parts_checked_one_by_one(small, tmp_path):
-    """Q, K and V rows that add up to the fused 3H (400 + 368 + 384 = 1152) are still wrong."""
-    tensors, config, _ = small
-    bad = {"encoder.layer.0.attention.self.query.weight": torch.zeros(400, 384),
-           "encoder.layer.0.attention.self.key.weight": torch.zeros(368, 384)}
-    message = load_error(write_checkpoint(tmp_path, {**tensors, **bad}, config))
-    assert all(name in message for name in bad) and "(400, 384)" in message and "(368, 384)" in message
 
 
 def test_missing_encoder_weights(small, tmp_path):
