@@ -17,9 +17,10 @@ Each layer is post-LayerNorm, as in the original BERT:
     y = LayerNorm(a + Dropout(W_2 GELU(W_1 a)))
 
 Two shortcuts skip work whose result nobody reads (same values wherever they are read):
-on the CPU, everything after attention runs on the real tokens only, so a layer's output is 0
-at padding positions (Hugging Face computes values there that every later step masks out);
-and with `cls_only_last_layer` the last layer computes the [CLS] position only.
+on the CPU, every projection, the feed-forward block and the LayerNorms run on the real tokens
+only, so a layer's output is 0 at padding positions (Hugging Face computes values there that
+every later step masks out); and with `cls_only_last_layer` the last layer computes the [CLS]
+position only.
 
 Weight names differ from Hugging Face's where a shorter name reads better; bert/weights.py maps
 between the two explicitly.
@@ -206,7 +207,7 @@ class Layer(nn.Module):
         B, T, H = x.shape
         real = attn_mask.reshape(B * T).nonzero().squeeze(1)                    # (N,) row ids
         x_real = x.reshape(B * T, H)[real]                                      # (N, H)
-        attended = self.attention(x_real, attn_mask, cls_query, real_rows=real)  # (N or B.., H)
+        attended = self.attention(x_real, attn_mask, cls_query, real_rows=real)  # (N, H) or (B, 1, H)
         if cls_only:
             return self.after_attention(x[:, :1], attended)                    # (B, 1, H)
         y = self.after_attention(x_real, attended)                             # (N, H)
