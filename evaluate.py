@@ -205,7 +205,7 @@ def cmd_summarize(argv):
     for line in problems:
         print(f"skipped: {line}", file=sys.stderr)
     if not runs:
-        raise InputError(f"{' '.join(args.dir)}: no readable results.json below {'this folder' if len(args.dir) == 1 else 'these folders'}")
+        raise InputError(f"{', '.join(args.dir)}: no readable results.json below")
     table = summarize(runs, args.baseline)
     if args.json:
         # JSON has no NaN: an undefined statistic (the std of one run) is null.

@@ -197,7 +197,7 @@ class Layer(nn.Module):
         cls_query = x[:, :1] if cls_only else None                              # (B, 1, H)
         if attn_mask is None or x.device.type != "cpu":
             attended = self.attention(x, attn_mask, cls_query)                 # (B, 1 or T, H)
-            return self.after_attention(x[:, :1] if cls_only else x, attended)
+            return self.after_attention(x if cls_query is None else cls_query, attended)
         # Padding positions are never read by a real token (attention masks them out as keys),
         # so on the CPU the layer runs on the real tokens only: the Q, K, V and output
         # projections, the feed-forward block and the LayerNorms. With dynamic padding, GLUE
@@ -209,7 +209,7 @@ class Layer(nn.Module):
         x_real = x.reshape(B * T, H)[real]                                      # (N, H)
         attended = self.attention(x_real, attn_mask, cls_query, real_rows=real)  # (N, H) or (B, 1, H)
         if cls_only:
-            return self.after_attention(x[:, :1], attended)                    # (B, 1, H)
+            return self.after_attention(cls_query, attended)                   # (B, 1, H)
         y = self.after_attention(x_real, attended)                             # (N, H)
         return y.new_zeros(B * T, H).index_copy_(0, real, y).view(B, T, H)
 
