@@ -79,6 +79,6 @@ class R3F(Regularizer):
             return None
         B, T = batch["input_ids"].shape
         z = self.sample_noise((B, T, model.config.hidden_size), outputs.logits.device)   # (B, T, H)
-        with self.replay.replay(), self.perturbation.added(z):
+        with self.replay.extra_passes(), self.replay.replay(), self.perturbation.added(z):
             noisy = model(*model_inputs(batch)).logits
         return self.options.weight * divergence(outputs.logits, noisy, regression=model.num_labels == 1)

@@ -119,19 +119,30 @@ def divergence(a, b, regression: bool, detach_targets: bool = False):
 class DropoutReplay:
     """Lets a second forward pass draw the dropout masks of the step's clean pass.
 
-    A pre-hook on the model records the RNG state as each training forward pass starts;
+    A pre-hook on the model records the RNG state as a training forward pass starts;
     `replay()` restores it inside `torch.random.fork_rng`, so the global RNG is back where it
-    was afterwards and later steps see the randomness they would have seen anyway.
+    was afterwards and later steps see the randomness they would have seen anyway. The extra
+    passes of a penalty run inside `extra_passes()`, which keeps them from overwriting the
+    record: a pass with fresh masks would otherwise make every later replay use its masks.
     """
 
     def __init__(self, model, enabled: bool = True):
-        self.enabled, self.state = enabled, None
+        self.enabled, self.state, self.recording = enabled, None, True
         self.handle = model.register_forward_pre_hook(self.record)
 
     def record(self, module, inputs):
-        if module.training:
+        if module.training and self.recording:
             device = next(module.parameters()).device
             self.state = (rng_state(device), device)
+
+    @contextlib.contextmanager
+    def extra_passes(self):
+        """Forward passes in here are not the step's clean pass: the record stays the clean one."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
 
     @contextlib.contextmanager
     def replay(self):
@@ -220,15 +231,16 @@ class SMART(Regularizer):
         regression = model.num_labels == 1
         clean = outputs.logits
         total = clean.new_zeros((), dtype=torch.float32)
-        if o.weight > 0:
-            delta = self.adversarial_delta(model, batch, clean)
-            adv = self.logits_at(model, batch, delta)
-            total = total + o.weight * divergence(clean, adv, regression, detach_targets=True)
-        if o.proximal and o.mu > 0:
-            self.teacher.train(model.training)
-            with torch.no_grad(), self.replay.replay():
-                teacher = self.teacher(*model_inputs(batch)).logits
-            total = total + o.mu * divergence(clean, teacher, regression)
+        with self.replay.extra_passes():
+            if o.weight > 0:
+                delta = self.adversarial_delta(model, batch, clean)
+                adv = self.logits_at(model, batch, delta)
+                total = total + o.weight * divergence(clean, adv, regression, detach_targets=True)
+            if o.proximal and o.mu > 0:
+                self.teacher.train(model.training)
+                with torch.no_grad(), self.replay.replay():          # the clean pass's masks
+                    teacher = self.teacher(*model_inputs(batch)).logits
+                total = total + o.mu * divergence(clean, teacher, regression)
         return total
 
     @torch.no_grad()

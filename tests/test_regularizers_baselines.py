@@ -259,6 +259,25 @@ def test_smart_is_exactly_zero_without_perturbation_and_before_the_first_update(
     assert method.penalty(model, batch, forward(model, batch)).item() == 0.0
 
 
+def test_smart_teacher_replays_the_clean_pass_masks_after_the_fresh_mask_passes():
+    """With the defaults (fresh masks for the perturbed passes, then the teacher), D is still
+    measured under the clean pass's masks: the penalty with mu = 1 equals the one without the
+    proximal term to the last bit before the first update, and the passes leave the global RNG
+    where the same penalty without them would."""
+    batch = tiny_batch()
+    penalties, rng_after = [], []
+    for proximal in (True, False):
+        model = tiny_model().train()
+        method = smart(model, proximal=proximal)
+        torch.manual_seed(7)
+        outputs = forward(model, batch)
+        penalties.append(method.penalty(model, batch, outputs).item())
+        rng_after.append(torch.get_rng_state())
+    assert penalties[1] > 0                         # fresh masks: R_s is not zero
+    assert penalties[0] == penalties[1]             # D = 0: the teacher saw the clean masks
+    assert torch.equal(rng_after[0], rng_after[1])
+
+
 def test_smart_proximal_term_and_momentum_teacher():
     model = tiny_model().train()
     batch = tiny_batch()
