@@ -10,7 +10,8 @@
 The summary reads every <task>/<method>/seed<N>/results.json below the folder. Per task and
 method it gives n, mean, std (sample standard deviation, ddof = 1), median, min, max of the
 task's main dev metric (in percent, as the paper's tables), and the p-value of Welch's t-test
-(unequal variances) of that method's scores against plain fine-tuning (`ft`). Folders whose
+(unequal variances) of that method's scores against plain fine-tuning (`ft`) with the same run
+settings (RUN_SETTINGS: runs that differ in data size, lr, precision, ... get rows of their own). Folders whose
 results.json is missing, unreadable or incomplete are listed and skipped.
 """
 import argparse
@@ -27,6 +28,12 @@ from bert.errors import InputError
 SUBCOMMANDS = ("summarize", "boxplot", "noise-stability")
 PAPER_TASK_ORDER = ["RTE", "MRPC", "CoLA", "STS-B"]
 REQUIRED_KEYS = ("task", "method", "seed", "metric", "dev")
+# The settings of a run (train.py flags, from its config.json) that change what its score means.
+# Runs that differ in any of them never share a row, and a method is compared with the ft runs
+# of the same settings. Seeds, the device and the evaluation batch size are left out.
+RUN_SETTINGS = ("model", "epochs", "batch_size", "lr", "warmup", "weight_decay", "optimizer",
+                "max_grad_norm", "max_seq_length", "max_train_samples", "train_fraction",
+                "max_eval_samples", "precision")
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -71,9 +78,9 @@ def read_runs(*roots: Path):
             problems.append(f"{results}: dev[{r['metric']!r}] is not a number")
             continue
         r["_value"] = 100.0 * value
-        # The training fraction is part of a row's settings too (Figure 4: 15%, 30%, 50% runs).
-        options = {**(r.get("method_options") or {}), "train_fraction": r.get("train_fraction") or 1.0}
-        r["_options"] = json.dumps(options, sort_keys=True)
+        settings = run_settings(results.parent / "config.json", r)
+        r["_settings"] = json.dumps(settings, sort_keys=True)
+        r["_options"] = json.dumps({**(r.get("method_options") or {}), **settings}, sort_keys=True)
         key = (r["task"], r["method"], r["_options"], r["seed"])
         if key in seen:
             problems.append(f"{results}: the same task, method, options and seed as {seen[key]}; not counted twice")
@@ -81,6 +88,18 @@ def read_runs(*roots: Path):
         seen[key] = results.parent
         runs.append(r)
     return runs, problems
+
+
+def run_settings(config_file: Path, results: dict) -> dict:
+    """The RUN_SETTINGS of a run: from its config.json, else (hand-made folders) results.json."""
+    try:
+        settings = json.loads(config_file.read_text(encoding="utf-8")).get("settings") or {}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        settings = {}
+    found = {k: settings.get(k, results.get(k)) for k in RUN_SETTINGS if k in settings or k in results}
+    # Figure 4's rows: 15%, 30%, 50% and the full training set (None in a run's files).
+    found["train_fraction"] = found.get("train_fraction") or 1.0
+    return found
 
 
 def welch_p(a, b):
@@ -127,13 +146,12 @@ def summarize(runs, baseline="ft"):
         label = labels[(r["task"], r["method"], r["_options"])]
         groups.setdefault(r["task"], {}).setdefault(label, []).append(r)
     table = {}
-    fraction = lambda rs: rs[0].get("train_fraction") or 1.0
     for task, by_label in groups.items():
         table[task] = {}
         for label, rs in by_label.items():
-            # Compared with the baseline trained on the same fraction of the data.
+            # Compared with the baseline run with the same settings (fraction of the data, ...).
             base_label = next((lab for lab, b in by_label.items()
-                               if b[0]["method"] == baseline and fraction(b) == fraction(rs)), None)
+                               if b[0]["method"] == baseline and b[0]["_settings"] == rs[0]["_settings"]), None)
             base = [r["_value"] for r in by_label[base_label]] if base_label else []
             values = [r["_value"] for r in sorted(rs, key=lambda r: r["seed"])]
             row = describe(values)

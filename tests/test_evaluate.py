@@ -123,3 +123,21 @@ def test_several_folders_are_read_as_one_collection(tmp_path, capsys):
     assert evaluate.main(["summarize", str(tmp_path / "round2"), str(tmp_path / "nope")]) == 2
     captured = capsys.readouterr()
     assert "nope: not a folder" in captured.err and captured.out == ""
+
+
+def test_runs_with_other_training_settings_are_not_mixed(tmp_path, capsys):
+    # ft on the full set and ft on 500 examples (a sweep's setting, in config.json), same seeds:
+    # two rows, nothing dropped as a duplicate, and lnsr on 500 is compared with ft on 500.
+    make_runs(tmp_path / "full", ft=FT)
+    make_runs(tmp_path / "small", ft=[0.5, 0.52, 0.49], lnsr=[0.55, 0.56, 0.58])
+    for config in (tmp_path / "small").rglob("config.json"):
+        config.write_text(json.dumps({"settings": {"max_train_samples": 500, "lr": 2e-5}}))
+    for config in (tmp_path / "full").rglob("config.json"):
+        config.write_text(json.dumps({"settings": {"max_train_samples": None, "lr": 2e-5}}))
+    runs, problems = evaluate.read_runs(tmp_path)
+    assert problems == [] and len(runs) == 10
+    table = evaluate.summarize(runs)["RTE"]
+    assert set(table) == {"ft (max_train_samples=None)", "ft (max_train_samples=500)", "lnsr"}
+    assert table["ft (max_train_samples=None)"]["n"] == 4
+    assert table["lnsr"]["p_vs_ft"] == pytest.approx(
+        stats.ttest_ind([55, 56, 58], [50, 52, 49], equal_var=False).pvalue, rel=1e-9)
