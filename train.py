@@ -57,6 +57,8 @@ def parse_seeds(text: str) -> list:
             raise InputError(f"--seeds: cannot read {text!r} (examples: 1-25, 1,3,5, 1-3,7)") from None
     if len(set(seeds)) != len(seeds):
         raise InputError(f"--seeds: {text!r} names a seed twice")
+    if any(s < 0 for s in seeds):
+        raise InputError(f"--seeds: seeds must be >= 0, got {text!r}")
     return seeds
 
 
@@ -527,7 +529,8 @@ def load_data(args, spec, device):
 def check_args(args):
     if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise InputError(f"--output-dir {args.output_dir} exists and is not a folder")
-    for name in ("epochs", "batch_size", "eval_batch_size", "lr", "max_seq_length", "log_every"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "lr", "max_seq_length", "log_every",
+                 "max_grad_norm"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("seed", "data_seed", "init_seed"):
@@ -542,6 +545,10 @@ def check_args(args):
             raise InputError(f"--{name.replace('_', '-')} must be > 0")
     if not 0 <= args.warmup < 1:
         raise InputError(f"--warmup must be in [0, 1), got {args.warmup}")
+    if args.weight_decay < 0:
+        raise InputError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
 
 
 def main(argv=None):
@@ -549,6 +556,8 @@ def main(argv=None):
     try:
         check_args(args)
         spec = glue.get_task(args.task)
+        for split in ("train", "dev"):            # AX is test-only: say so before loading a model
+            spec.split_layout(split)
         methods = [m.strip() for m in (args.methods or args.method or "lnsr").split(",") if m.strip()]
         for m in methods:
             method_options(m, args)               # unknown names and bad values fail before any work
@@ -574,6 +583,9 @@ def main(argv=None):
         if not todo:
             return 0
         data = load_data(args, spec, device)
+        for m in {m for m, _ in todo}:            # options that do not fit this model: before any run
+            method_cls, options = method_options(m, args)
+            method_cls(options).check(data.pretrained.config)
         failed = 0
         for i, (method_name, seed) in enumerate(todo, 1):
             run_dir = Path(args.output_dir) / spec.name / method_name / f"seed{seed}"
@@ -584,6 +596,9 @@ def main(argv=None):
                 print(f"run failed: {e}", file=sys.stderr)
                 failed += 1
                 continue
+            except Exception as e:                # a bug or the machine (out of memory): on record
+                write_json(run_dir / "failed.json", {"status": "failed", "reason": f"{type(e).__name__}: {e}"})
+                raise
             main_value = r["dev"][r["metric"]]
             print(f"  dev {r['metric']} = {main_value:.4f}  ({r['train_seconds']:.0f} s)", file=sys.stderr)
         return 1 if failed else 0

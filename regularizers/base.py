@@ -33,6 +33,12 @@ class Regularizer:
     def __init__(self, options=None):
         self.options = options
 
+    def check(self, config) -> None:
+        """Called with the model's BertConfig before any run of a command starts: raise
+        InputError for options that do not fit this model (a layer it does not have, say), so
+        that a grid of runs stops before the first one instead of at the first run of this method.
+        """
+
     def setup(self, model, seed: int) -> None:
         """Called once, after the pretrained model is loaded and before training.
 

@@ -94,16 +94,20 @@ class LNSR(Regularizer):
     reads_hidden_states = True             # every layer b..L, at every position
     needs_fp32 = True
 
-    def setup(self, model, seed):
-        o = self.options
-        L = model.config.num_hidden_layers
+    def check(self, config):
+        o, L = self.options, config.num_hidden_layers
         if not 1 <= o.layer <= L:
             raise InputError(f"--lnsr-layer {o.layer} is outside 1..{L} for this {L}-layer model")
         n = L - o.layer + 1
-        self.lambdas = o.lambdas * n if len(o.lambdas) == 1 else o.lambdas
-        if len(self.lambdas) != n:
+        if len(o.lambdas) not in (1, n):
             raise InputError(f"--lnsr-weights has {len(o.lambdas)} values; layers {o.layer}..{L} "
                              f"need 1 or {n}")
+
+    def setup(self, model, seed):
+        o = self.options
+        self.check(model.config)
+        n = model.config.num_hidden_layers - o.layer + 1
+        self.lambdas = o.lambdas * n if len(o.lambdas) == 1 else o.lambdas      # lambda_r, r = b..L
         model.bert.rng_snapshot_layer = o.layer          # replay dropout in the noisy pass
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device)

@@ -49,10 +49,14 @@ class FTNoise(Regularizer):
     needs_fp32 = True
     Options = NoiseOptions
 
-    def setup(self, model, seed):
-        b, L = self.options.layer, model.config.num_hidden_layers
+    def check(self, config):
+        b, L = self.options.layer, config.num_hidden_layers
         if not 1 <= b <= L:
             raise InputError(f"--noise-layer {b} is outside 1..{L} for this {L}-layer model")
+
+    def setup(self, model, seed):
+        self.check(model.config)
+        b = self.options.layer
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)

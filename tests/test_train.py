@@ -108,12 +108,39 @@ def test_non_finite_loss_marks_the_run_failed(tmp_path, monkeypatch, capsys):
     (["--seeds", "1-x"], "--seeds: cannot read"),
     (["--lnsr-sigma", "-1"], "--lnsr-sigma must be >= 0"),
     (["--epochs", "0"], "--epochs must be > 0"),
+    (["--seeds", "-2"], "--seeds: seeds must be >= 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--task", "ax"], "AX has no split 'train'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     argv = QUICK[2:] if "--task" in args else QUICK          # replace the task, keep the rest
     assert train.main(argv + ["--output-dir", str(tmp_path / "o")] + args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_options_that_do_not_fit_the_model_stop_the_grid_before_its_first_run(tmp_path, capsys):
+    # minilm-l6 has 6 layers: ft would train first, then lnsr fail; nothing may be written.
+    out = tmp_path / "o"
+    assert train.main(QUICK + ["--output-dir", str(out), "--methods", "ft,lnsr", "--lnsr-layer", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --lnsr-layer 7 is outside 1..6 for this 6-layer model"
+    assert not out.exists() or not any(out.rglob("*.json"))
+    assert train.main(QUICK + ["--output-dir", str(out), "--method", "lnsr", "--lnsr-weights", "1,2"]) == 2
+    assert "--lnsr-weights has 2 values; layers 1..6 need 1 or 6" in capsys.readouterr().err
+
+
+def test_a_crash_inside_a_run_leaves_failed_json(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+    monkeypatch.setattr(train, "evaluate", crash)
+    with pytest.raises(RuntimeError):
+        run(tmp_path, "--method", "ft", "--seed", "1")
+    d = tmp_path / "runs" / "RTE" / "ft" / "seed1"
+    assert not (d / "results.json").exists()
+    assert json.loads((d / "failed.json").read_text())["reason"] == "RuntimeError: out of memory (simulated)"
 
 
 def test_output_dir_that_is_a_file(tmp_path, capsys):
