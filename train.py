@@ -107,7 +107,8 @@ def method_options(name, args):
 def build_parser():
     p = argparse.ArgumentParser(
         description="Fine-tune BERT on a GLUE task with LNSR (Hua et al.) or a baseline. "
-                    "Defaults reproduce the paper's setup (Section 4.3).",
+                    "Defaults reproduce the paper's setup (Section 4.3); max length, weight decay and "
+                    "clipping, which the paper leaves to BERT's recipe, follow Devlin et al.'s code.",
         formatter_class=HelpFormatter)
     p.add_argument("--task", required=True,
                    help="GLUE task: cola, mrpc, rte, sts-b (the paper's), or sst-2, qnli, qqp, mnli, wnli")

@@ -231,9 +231,10 @@ class Pooler(nn.Module):
 
 @dataclass
 class BertOutput:
-    last_hidden_state: torch.Tensor          # (B, T, H)
+    last_hidden_state: torch.Tensor          # (B, T, H); (B, 1, H) with cls_only_last_layer
     pooler_output: torch.Tensor              # (B, H)
-    hidden_states: tuple                     # L+1 tensors (B, T, H): x^1 (embeddings) .. x^{L+1}
+    hidden_states: tuple                     # L+1 tensors (B, T, H): x^1 (embeddings) .. x^{L+1},
+                                             # the last (B, 1, H) with cls_only_last_layer
     attn_mask: torch.Tensor | None           # (B, 1, 1, T) bool, or None (no padding)
     rng_snapshot: object = None              # RNG state before layer `rng_snapshot_layer`
 
@@ -348,10 +349,6 @@ class BertClassifier(nn.Module):
         return ClassifierOutput(logits=logits, hidden_states=out.hidden_states,
                                 pooler_output=out.pooler_output, attn_mask=out.attn_mask,
                                 rng_snapshot=out.rng_snapshot)
-
-    def head_from_pooled(self, pooled):
-        """The classifier head alone, for methods that re-run the top of the network."""
-        return self.classifier(self.dropout(pooled))
 
     def init_head(self, generator: torch.Generator | None = None):
         """N(0, 0.02^2) weights and zero bias, as the paper (Appendix A) and BERT do.

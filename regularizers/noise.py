@@ -15,7 +15,8 @@ How: `setup` registers a forward hook on the module that produces x^b (the embed
 b = 1, layer b-1 otherwise), so the loop's single forward pass *is* the perturbed one and
 `penalty` adds nothing. `outputs.hidden_states[b - 1]` then holds x^b + eps. The noise comes
 from its own generator, seeded by the run's seed, so dropout masks are the same as under FT:
-with sigma = 0 a run is FT exactly.
+with sigma = 0 a run is FT exactly (at the same `--precision`: `auto` gives FT bf16 where
+the hardware has it, FT+Noise always fp32).
 """
 from dataclasses import dataclass, field
 

@@ -28,10 +28,14 @@ Choices, and where they differ from the public code:
 - delta perturbs the embedding output x^1 (after the embeddings' LayerNorm and dropout) and the
   perturbed x^1 + delta goes straight into layer 1: position embeddings and LayerNorm are not
   applied a second time (mt-dnn's `inputs_embeds` path re-adds them).
-- The ascent step follows the paper's Algorithm 1 with the code's normalisation: a normalised
-  gradient step of size eta added to the random start. The paper then projects onto an
-  eps-ball; the public code does not, and neither does this file. (The latest mt-dnn instead
-  normalises delta + eta * g itself to unit inf-norm per token, a far larger perturbation.)
+- The ascent step follows the paper's Algorithm 1 with the code's normalisation: the gradient
+  of l_s, a normalised step of size eta added to the random start. The paper then projects onto
+  an eps-ball; the public code does not, and neither does this file. The public code
+  (mt_dnn/perturbation.py at commit 0d6201e) differs in three details: its ascent gradient is
+  that of the one-sided KL(f(x) || f(x + delta)); its final perturbation is the normalised step
+  alone (eta * g, without the random start); and it zeroes delta at padding positions (no effect
+  here: padding is masked out as a key, and its outputs are never read). (The latest mt-dnn
+  instead normalises delta + eta * g itself to unit inf-norm per token, a far larger one.)
 - The final l_s detaches each KL's target, as mt-dnn's `SymKlCriterion`; the ascent uses the
   full gradient of l_s with respect to delta; D's gradient is the full one (the teacher is a
   constant).

@@ -51,7 +51,7 @@ def set_up(method, model, seed=5):
 def head_from_x1(model, x1, batch):
     """Logits from a given embedding output x^1, running the encoder's own pieces by hand."""
     hidden = model.bert.run_layers(x1, attention_mask_for_sdpa(batch["attention_mask"]), 1)[-1]
-    return model.head_from_pooled(model.bert.pooler(hidden))
+    return model.classifier(model.dropout(model.bert.pooler(hidden)))
 
 
 def sym_kl_reference(a, b):
@@ -349,7 +349,7 @@ def test_noise_perturbs_x_b_in_training_only(b):
     eps = sample_noise(clean_states[b - 1], 0.5, None, torch.Generator().manual_seed(3))
     torch.testing.assert_close(noisy.hidden_states[b - 1], clean_states[b - 1] + eps)
     top = clean.bert.run_layers(clean_states[b - 1] + eps, attention_mask_for_sdpa(batch["attention_mask"]), b)[-1]
-    torch.testing.assert_close(noisy.logits, clean.head_from_pooled(clean.bert.pooler(top)))
+    torch.testing.assert_close(noisy.logits, clean.classifier(clean.dropout(clean.bert.pooler(top))))
     assert method.penalty(model, batch, noisy) is None     # the task loss itself is the noisy one
 
 
