@@ -159,7 +159,7 @@ def summarize(runs, baseline="ft"):
             row["seeds"] = sorted(r["seed"] for r in rs)
             row["p_vs_" + baseline] = welch_p(values, base) if label != base_label else None
             row["partial"] = any(r.get("partial") for r in rs)
-            if all("train" in r for r in rs):
+            if all(isinstance(r.get("train"), dict) and r["metric"] in r["train"] for r in rs):
                 train = [100.0 * r["train"][r["metric"]] for r in rs]
                 row["train_mean"] = float(np.mean(train))
                 row["gap"] = row["train_mean"] - row["mean"]
@@ -262,8 +262,8 @@ def cmd_run(argv):
         config = json.loads(config_path.read_text(encoding="utf-8"))
         settings = config["settings"]
         settings["task"]
-    except (ValueError, KeyError) as e:
-        raise InputError(f"{config_path}: unreadable ({e})") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise InputError(f"{config_path}: unreadable ({type(e).__name__}: {e})") from None
     model_dir = run_dir / "model"
     if not (model_dir / "model.safetensors").is_file():
         raise InputError(f"{run_dir}: no saved model (train with --save-model to keep one)")

@@ -141,3 +141,20 @@ def test_runs_with_other_training_settings_are_not_mixed(tmp_path, capsys):
     assert table["ft (max_train_samples=None)"]["n"] == 4
     assert table["lnsr"]["p_vs_ft"] == pytest.approx(
         stats.ttest_ind([55, 56, 58], [50, 52, 49], equal_var=False).pvalue, rel=1e-9)
+
+
+def test_a_config_that_is_not_an_object_and_a_train_entry_without_the_metric(tmp_path, capsys):
+    run = tmp_path / "RTE" / "ft" / "seed1"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("[1, 2]")
+    assert evaluate.main([str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "unreadable" in err[0]
+    make_runs(tmp_path / "gap", ft=FT)
+    path = tmp_path / "gap" / "RTE" / "ft" / "seed1" / "results.json"
+    r = json.loads(path.read_text())
+    r["train"] = {"other": 0.9}                   # no train value of the main metric
+    path.write_text(json.dumps(r))
+    runs, _ = evaluate.read_runs(tmp_path / "gap")
+    row = evaluate.summarize(runs)["RTE"]["ft"]
+    assert row["n"] == 4 and "gap" not in row
