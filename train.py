@@ -118,7 +118,10 @@ def build_parser():
                         "bert-base-uncased, minilm-l6 (small, offline, for CPUs)")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--method", help="one method: " + ", ".join(regularizers.METHODS) + " (default: lnsr)")
-    m.add_argument("--methods", help="several methods, comma-separated, run one after another")
+    m.add_argument("--methods", help="several methods, comma-separated, run one after another; a method "
+                                     "may carry training settings of its own (epochs, lr, warmup, "
+                                     "weight_decay, batch_size), e.g. the paper's Table 2: "
+                                     "ft,ft:epochs=4,noise,lnsr (run folder ft-epochs4)")
     s = p.add_mutually_exclusive_group()
     s.add_argument("--seed", type=int, help="the seed of a single run; it fixes head init, data order, "
                                             "dropout and noise (default: 1)")
@@ -280,6 +283,43 @@ def evaluate(model, features, task, batch_size, device, precision):
 # correlate them (the head's initial weights would equal the first noise draws, scaled), so
 # each purpose gets its own seed derived from the run's.
 STREAMS = {"head": 1, "dropout": 2, "noise": 3, "order": 4, "subset": 5}
+# A method in --methods may carry training settings of its own, for ablations such as the paper's
+# Table 2 (FT for 4 epochs next to FT, FT+Noise and LNSR for 3): "ft:epochs=4". Only settings of
+# the training loop: the data and the model are loaded once for every run of a command.
+VARIANT_SETTINGS = {"epochs": float, "lr": float, "warmup": float, "weight_decay": float,
+                    "batch_size": int}
+
+
+def parse_methods(text: str) -> list:
+    """'ft,ft:epochs=4,lnsr' -> [("ft", {}), ("ft", {"epochs": 4.0}), ("lnsr", {})]."""
+    methods = []
+    for item in str(text).split(","):
+        name, *overrides = [part.strip() for part in item.split(":")]
+        if not name:
+            continue
+        settings = {}
+        for override in overrides:
+            key, _, value = override.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in VARIANT_SETTINGS or not value:
+                raise InputError(f"--methods: cannot read {item!r}: after the method, give "
+                                 f"setting=value with a setting among {', '.join(VARIANT_SETTINGS)} "
+                                 "(example: ft:epochs=4)")
+            try:
+                settings[key] = VARIANT_SETTINGS[key](value)
+            except ValueError:
+                raise InputError(f"--methods: {key} in {item!r} is not a number") from None
+        methods.append((name, settings))
+    if len({variant_name(n, s) for n, s in methods}) != len(methods):
+        raise InputError(f"--methods: {text!r} names a method twice")
+    return methods
+
+
+def variant_name(method: str, settings: dict) -> str:
+    """The run folder's name: the method, plus its own settings ("ft-epochs4")."""
+    return method + "".join(f"-{k.replace('_', '-')}{v:g}" for k, v in sorted(settings.items()))
+
+
 EVAL_SUBSET_SEED = 0      # every seed of a sweep is scored on the same dev examples
 
 
@@ -364,7 +404,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
     total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
     optimizer = optim.make_optimizer(model, args.optimizer, args.lr, args.weight_decay)
     scheduler = optim.linear_warmup_decay(optimizer, total_steps, args.warmup)
-    progress = Progress(total_steps, f"[{spec.name} {method_name} seed {seed}]")
+    progress = Progress(total_steps, f"[{spec.name} {run_dir.parent.name} seed {seed}]")
     log = open(run_dir / "log.jsonl", "w", encoding="utf-8")
 
     model.train()
@@ -559,40 +599,44 @@ def main(argv=None):
         spec = glue.get_task(args.task)
         for split in ("train", "dev"):            # AX is test-only: say so before loading a model
             spec.split_layout(split)
-        methods = [m.strip() for m in (args.methods or args.method or "lnsr").split(",") if m.strip()]
-        for m in methods:
+        methods = []                              # (method, run folder name, the run's args)
+        for m, own_settings in parse_methods(args.methods or args.method or "lnsr"):
             method_options(m, args)               # unknown names and bad values fail before any work
+            method_args = argparse.Namespace(**{**vars(args), **own_settings})
+            check_args(method_args)
+            methods.append((m, variant_name(m, own_settings), method_args))
         seeds = parse_seeds(args.seeds) if args.seeds else [args.seed if args.seed is not None else 1]
         if args.threads:
             torch.set_num_threads(args.threads)
         keep_freed_memory()
         device = pick_device(args.device)
         args.native_bf16 = native_bf16(device)
-        for m in methods:                         # bf16 with a method that needs fp32 fails here
+        for m, _, method_args in methods:         # bf16 with a method that needs fp32 fails here
+            method_args.native_bf16 = args.native_bf16
             resolve_precision(args.precision, method_options(m, args)[0], args.native_bf16)
-        runs = [(m, s) for m in methods for s in seeds]
+        runs = [(m, folder, method_args, s) for m, folder, method_args in methods for s in seeds]
         todo = []
-        for m, s in runs:
-            run_dir = Path(args.output_dir) / spec.name / m / f"seed{s}"
+        for m, folder, method_args, s in runs:
+            run_dir = Path(args.output_dir) / spec.name / folder / f"seed{s}"
             if (run_dir / "results.json").exists():
-                check_finished_run(run_dir, run_settings(args, spec, m, s))
+                check_finished_run(run_dir, run_settings(method_args, spec, m, s))
             else:
-                todo.append((m, s))
+                todo.append((m, folder, method_args, s))
         if len(todo) < len(runs):
             print(f"{len(runs) - len(todo)} of {len(runs)} runs already have results.json: skipped",
                   file=sys.stderr)
         if not todo:
             return 0
         data = load_data(args, spec, device)
-        for m in {m for m, _ in todo}:            # options that do not fit this model: before any run
+        for m in {m for m, *_ in todo}:           # options that do not fit this model: before any run
             method_cls, options = method_options(m, args)
             method_cls(options).check(data.pretrained.config)
         failed = 0
-        for i, (method_name, seed) in enumerate(todo, 1):
-            run_dir = Path(args.output_dir) / spec.name / method_name / f"seed{seed}"
-            print(f"run {i}/{len(todo)}: {spec.name} {method_name} seed {seed} -> {run_dir}", file=sys.stderr)
+        for i, (method_name, folder, method_args, seed) in enumerate(todo, 1):
+            run_dir = Path(args.output_dir) / spec.name / folder / f"seed{seed}"
+            print(f"run {i}/{len(todo)}: {spec.name} {folder} seed {seed} -> {run_dir}", file=sys.stderr)
             try:
-                r = train_one(args, spec, method_name, seed, data, run_dir)
+                r = train_one(method_args, spec, method_name, seed, data, run_dir)
             except RunFailed as e:
                 print(f"run failed: {e}", file=sys.stderr)
                 failed += 1

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
 import train
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"
@@ -141,6 +142,33 @@ def test_a_crash_inside_a_run_leaves_failed_json(tmp_path, monkeypatch):
     d = tmp_path / "runs" / "RTE" / "ft" / "seed1"
     assert not (d / "results.json").exists()
     assert json.loads((d / "failed.json").read_text())["reason"] == "RuntimeError: out of memory (simulated)"
+
+
+def test_parse_methods_with_settings_of_their_own():
+    assert train.parse_methods("ft, ft:epochs=4 ,noise,lnsr:lr=3e-5:warmup=0") == [
+        ("ft", {}), ("ft", {"epochs": 4.0}), ("noise", {}), ("lnsr", {"lr": 3e-5, "warmup": 0.0})]
+    assert train.variant_name("ft", {"epochs": 4.0}) == "ft-epochs4"
+    assert train.variant_name("lnsr", {"weight_decay": 0.0, "lr": 3e-5}) == "lnsr-lr3e-05-weight-decay0"
+    for bad, message in [("ft:epoch=4", "cannot read 'ft:epoch=4'"), ("ft:epochs", "cannot read"),
+                         ("ft:epochs=x", "epochs in 'ft:epochs=x' is not a number"),
+                         ("ft,ft:epochs=3,ft:epochs=3", "names a method twice")]:
+        with pytest.raises(train.InputError, match=message):
+            train.parse_methods(bad)
+
+
+def test_table_2_ablation_in_one_command(tmp_path, capsys):
+    # FT for 1 and 2 epochs side by side: separate folders and settings, separate summary rows.
+    assert run(tmp_path, "--methods", "ft,ft:epochs=2", "--seed", "1") == 0
+    one, two = (read_run(tmp_path, m, 1) for m in ("ft", "ft-epochs2"))
+    assert two[0]["steps"] == 2 * one[0]["steps"]
+    config = json.loads((tmp_path / "runs" / "RTE" / "ft-epochs2" / "seed1" / "config.json").read_text())
+    assert config["settings"]["epochs"] == 2.0 and config["settings"]["method"] == "ft"
+    runs, problems = evaluate.read_runs(tmp_path / "runs")
+    assert problems == [] and set(evaluate.summarize(runs)["RTE"]) == {"ft (epochs=1.0)", "ft (epochs=2.0)"}
+    assert run(tmp_path, "--methods", "ft,ft:epochs=2", "--seed", "1") == 0          # both skipped
+    assert "2 of 2 runs already have results.json" in capsys.readouterr().err
+    assert run(tmp_path, "--methods", "ft:epochs=0", "--seed", "1") == 2
+    assert "--epochs must be > 0" in capsys.readouterr().err
 
 
 def test_output_dir_that_is_a_file(tmp_path, capsys):
