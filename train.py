@@ -599,9 +599,12 @@ def main(argv=None):
         spec = glue.get_task(args.task)
         for split in ("train", "dev"):            # AX is test-only: say so before loading a model
             spec.split_layout(split)
+        device = pick_device(args.device)
+        args.native_bf16 = native_bf16(device)
         methods = []                              # (method, run folder name, the run's args)
         for m, own_settings in parse_methods(args.methods or args.method or "lnsr"):
-            method_options(m, args)               # unknown names and bad values fail before any work
+            method_cls, _ = method_options(m, args)   # unknown names and bad values fail before any work
+            resolve_precision(args.precision, method_cls, args.native_bf16)   # bf16 where fp32 is needed
             method_args = argparse.Namespace(**{**vars(args), **own_settings})
             check_args(method_args)
             methods.append((m, variant_name(m, own_settings), method_args))
@@ -609,11 +612,6 @@ def main(argv=None):
         if args.threads:
             torch.set_num_threads(args.threads)
         keep_freed_memory()
-        device = pick_device(args.device)
-        args.native_bf16 = native_bf16(device)
-        for m, _, method_args in methods:         # bf16 with a method that needs fp32 fails here
-            method_args.native_bf16 = args.native_bf16
-            resolve_precision(args.precision, method_options(m, args)[0], args.native_bf16)
         runs = [(m, folder, method_args, s) for m, folder, method_args in methods for s in seeds]
         todo = []
         for m, folder, method_args, s in runs:
