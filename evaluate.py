@@ -4,6 +4,7 @@
     python evaluate.py runs/RTE/lnsr/seed1 --split test    # write GLUE test predictions (RTE.tsv)
     python evaluate.py summarize runs                      # Table 1: mean, std, max over seeds, p-values
     python evaluate.py summarize runs --json               # the same numbers as JSON
+    python evaluate.py summarize runs --per-run            # ... and every run's score and time
     python evaluate.py boxplot runs --output docs/figure2.png   # Figure 2 (needs matplotlib)
     python evaluate.py noise-stability --model minilm-l6 --task mrpc   # Figure 1 (see analysis.py)
 
@@ -157,6 +158,8 @@ def summarize(runs, baseline="ft"):
             row = describe(values)
             row["metric"] = rs[0]["metric"]
             row["seeds"] = sorted(r["seed"] for r in rs)
+            row["values"] = values                               # in seed order, for --per-run
+            row["train_seconds"] = [r.get("train_seconds") for r in sorted(rs, key=lambda r: r["seed"])]
             row["p_vs_" + baseline] = welch_p(values, base) if label != base_label else None
             row["partial"] = any(r.get("partial") for r in rs)
             if all(isinstance(r.get("train"), dict) and r["metric"] in r["train"] for r in rs):
@@ -212,12 +215,37 @@ def markdown(table, baseline="ft"):
     return "\n".join(lines)
 
 
+def seconds_range(seconds):
+    known = [s for s in seconds if isinstance(s, (int, float))]
+    if not known:
+        return "-"
+    low, high = round(min(known)), round(max(known))
+    return f"{low} s" if low == high else f"{low}-{high} s"
+
+
+def per_run_markdown(table):
+    """One line per task and method: the score of every seed and the range of training times,
+    so that a report can show each run next to the summary it came from."""
+    tasks = sorted(table, key=lambda t: (PAPER_TASK_ORDER.index(t) if t in PAPER_TASK_ORDER else 99, t))
+    lines = ["| task | method | n | dev metric per seed | seeds | training time per run |",
+             "|---|---|---:|---|---|---:|"]
+    for t in tasks:
+        for m in method_order(table[t]):
+            row = table[t][m]
+            scores = ", ".join(fmt(v) for v in row["values"])
+            seeds = ", ".join(str(s) for s in row["seeds"])
+            lines.append(f"| {t} | {m} | {row['n']} | {scores} | {seeds} | {seconds_range(row['train_seconds'])} |")
+    return "\n".join(lines)
+
+
 def cmd_summarize(argv):
     p = argparse.ArgumentParser(prog="evaluate.py summarize",
                                 description="Mean, std, median, min, max and Welch p-values over seeds.")
     p.add_argument("dir", nargs="+", help="one or more folders of runs (train.py --output-dir), read as one collection")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     p.add_argument("--baseline", default="ft", help="method the p-values compare against")
+    p.add_argument("--per-run", action="store_true",
+                   help="also list every run: its dev score, seed, and training time (results.json)")
     args = p.parse_args(argv)
     runs, problems = read_runs(*map(Path, args.dir))
     for line in problems:
@@ -232,6 +260,9 @@ def cmd_summarize(argv):
         print(json.dumps(clean, indent=2))
     else:
         print(markdown(table, args.baseline))
+        if args.per_run:
+            print()
+            print(per_run_markdown(table))
     return 0
 
 

@@ -158,3 +158,17 @@ def test_a_config_that_is_not_an_object_and_a_train_entry_without_the_metric(tmp
     runs, _ = evaluate.read_runs(tmp_path / "gap")
     row = evaluate.summarize(runs)["RTE"]["ft"]
     assert row["n"] == 4 and "gap" not in row
+
+
+def test_per_run_table_lists_every_seed_and_the_range_of_training_times(tmp_path, capsys):
+    make_runs(tmp_path, ft=FT, lnsr=LNSR)
+    for seed, seconds in [(1, 250.4), (2, 912.6), (3, 300.0)]:
+        path = tmp_path / "RTE" / "lnsr" / f"seed{seed}" / "results.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "train_seconds": seconds}))
+    assert evaluate.main(["summarize", str(tmp_path), "--per-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    lnsr = next(line for line in lines if line.startswith("| RTE | lnsr | 5 |"))
+    assert "| 72.00, 73.00, 69.00, 74.00, 75.00 | 1, 2, 3, 4, 5 |" in lnsr
+    assert lnsr.endswith("| 1-913 s |")               # seeds 4 and 5 kept the 1.0 s of make_runs
+    ft = next(line for line in lines if line.startswith("| RTE | ft | 4 |"))
+    assert ft.endswith("| 1 s |")
