@@ -195,7 +195,7 @@ def pick_device(name):
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def cmd_noise_stability(argv):
+def noise_stability_parser():
     p = argparse.ArgumentParser(
         prog="evaluate.py noise-stability",
         description="Figure 1 of Hua et al.: inject Gaussian noise of a fixed fraction of a layer's "
@@ -213,7 +213,11 @@ def cmd_noise_stability(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--output-dir", default=None, help="default: runs/noise_stability/<task>")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    args = p.parse_args(argv)
+    return p
+
+
+def cmd_noise_stability(argv):
+    args = noise_stability_parser().parse_args(argv)
 
     import glue
     from bert.hub import resolve

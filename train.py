@@ -165,6 +165,9 @@ def build_parser():
                         "products use TF32 tensor cores")
     p.add_argument("--log-every", type=int, default=20, help="write a log.jsonl line every N steps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the flags, list the runs this command makes (finished ones are checked "
+                        "against their config.json and marked) and stop before loading data or model")
     add_method_flags(p)
     return p
 
@@ -341,7 +344,7 @@ def select_subset(features, n=None, fraction=None, seed=0):
 
 # Flags that do not change what a run computes.
 NOT_SETTINGS = ("method", "methods", "seed", "seeds", "output_dir", "threads", "log_every", "save_model",
-                "data_dir", "native_bf16")
+                "data_dir", "native_bf16", "dry_run")
 
 
 def run_settings(args, spec, method_name, seed) -> dict:
@@ -620,6 +623,13 @@ def main(argv=None):
                 check_finished_run(run_dir, run_settings(method_args, spec, m, s))
             else:
                 todo.append((m, folder, method_args, s))
+        if args.dry_run:
+            for m, folder, method_args, s in runs:
+                run_dir = Path(args.output_dir) / spec.name / folder / f"seed{s}"
+                status = "to run" if (m, folder, method_args, s) in todo else "finished, same settings"
+                print(f"{run_dir}: {status}")
+            print(f"{len(runs)} runs, {len(todo)} to run (dry run: nothing was trained)", file=sys.stderr)
+            return 0
         if len(todo) < len(runs):
             print(f"{len(runs) - len(todo)} of {len(runs)} runs already have results.json: skipped",
                   file=sys.stderr)

@@ -82,6 +82,13 @@ def test_grid_writes_every_run_and_resumes(tmp_path, capsys):
     assert all(r["penalty"] > 0 for r in read_run(tmp_path, "lnsr", 1)[1])
     stamp = (tmp_path / "runs" / "RTE" / "ft" / "seed1" / "results.json").stat().st_mtime_ns
     capsys.readouterr()
+    # --dry-run lists what a command would do and touches nothing.
+    assert run(tmp_path, "--methods", "ft,lnsr", "--seeds", "1-3", "--dry-run") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.endswith("finished, same settings") for line in lines) == 4
+    assert [line.split("runs/")[-1] for line in lines if line.endswith("to run")] == \
+        ["RTE/ft/seed3: to run", "RTE/lnsr/seed3: to run"]
+    assert not (tmp_path / "runs" / "RTE" / "ft" / "seed3").exists()
     assert run(tmp_path, "--methods", "ft,lnsr", "--seeds", "1-3") == 0     # only seed 3 is new
     err = capsys.readouterr().err
     assert "4 of 6 runs already have results.json" in err

@@ -1,0 +1,140 @@
+"""The commands in the reports (docs/RESULTS.md, docs/SIGMA_SWEEP.md) run as written from a clone.
+
+Training takes hours, so train.py commands are checked with --dry-run: every flag is parsed and
+validated, and every run folder the command names that is committed under results/ must hold a
+run made with exactly these settings (train.py compares them with the run's config.json). The
+summaries are run for real, and every Table-1-shaped row in a report must be a line that one of
+the report's own summarize commands prints from the committed run folders, so a number in a
+report cannot drift from the runs behind it.
+"""
+import itertools
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import analysis
+import evaluate
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORTS = [ROOT / "docs" / "RESULTS.md", ROOT / "docs" / "SIGMA_SWEEP.md"]
+TASKS = ("CoLA", "MRPC", "RTE", "STS-B")
+
+
+def bash_blocks(text):
+    return re.findall(r"```bash\n(.*?)```", text, re.S)
+
+
+def commands(path, with_sections=False):
+    """Every `python train.py|evaluate.py ...` line of a report's bash blocks, as argv lists, with
+    the variables of enclosing `for x in a b c; do` loops expanded to every value (and, with
+    with_sections, the "## " heading each stands under)."""
+    found = []
+    text = path.read_text(encoding="utf-8")
+    for block in bash_blocks(text):
+        headings = re.findall(r"^## (.+)$", text[:text.index(block)], re.M)
+        section = headings[-1] if headings else ""
+        loops = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            loop = re.match(r"for (\w+) in (.+); do$", line)
+            assignment = re.match(r"(\w+)=(\S+)$", line)
+            if assignment:                            # D=../shared/glue_data
+                loops[assignment[1]] = [assignment[2]]
+            elif loop:
+                loops[loop[1]] = loop[2].split()
+            elif line == "done" and loops:
+                loops.popitem()
+            elif line.startswith(("python train.py", "python evaluate.py")):
+                names = [n for n in loops if re.search(rf"\${n}\b", line)]
+                for values in itertools.product(*(loops[n] for n in names)):
+                    expanded = line
+                    for n, v in zip(names, values):
+                        expanded = re.sub(rf"\${n}\b", v, expanded)
+                    argv = shlex.split(expanded)[1:]
+                    found.append((section, argv) if with_sections else argv)
+    return found
+
+
+def all_commands():
+    return [(path.name, section, argv) for path in REPORTS for section, argv in commands(path, True)]
+
+
+def test_the_reports_have_commands_to_check():
+    scripts = [argv[0] for _, _, argv in all_commands()]
+    assert scripts.count("train.py") >= 10 and scripts.count("evaluate.py") >= 5
+
+
+@pytest.fixture
+def at_repository_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    # The committed runs were made on a CPU with native bf16 (docs/RESULTS.md, "Setup"), where
+    # --precision auto gives ft, l2sp and mixout bf16: check them as that machine read them.
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+
+
+@pytest.mark.parametrize("report, section, argv", [c for c in all_commands() if c[2][0] == "train.py"],
+                         ids=lambda x: " ".join(x[1:]) if isinstance(x, list) else None)
+def test_train_commands_parse_and_match_their_committed_runs(report, section, argv, at_repository_root, capsys):
+    assert train.main(argv[1:] + ["--dry-run"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    output_dir = argv[argv.index("--output-dir") + 1]
+    if output_dir.startswith("results/"):
+        # A committed sweep holds every run its command names, unless the report lists the
+        # command under "Still missing".
+        pending = [line for line in out.splitlines() if line.endswith("to run")]
+        assert not pending or section == "Still missing", \
+            f"{report}, {section}: runs not committed: {pending[:3]}"
+
+
+def summarize_outputs(report_path, capsys):
+    outputs = []
+    for argv in commands(report_path):
+        if argv[:2] == ["evaluate.py", "summarize"]:
+            assert evaluate.main(argv[1:]) == 0
+            outputs.append(capsys.readouterr().out)
+    return outputs
+
+
+@pytest.mark.parametrize("report", REPORTS, ids=lambda p: p.name)
+def test_every_summary_row_in_a_report_is_printed_by_its_summarize_commands(report, at_repository_root, capsys):
+    printed = {line.strip() for out in summarize_outputs(report, capsys) for line in out.splitlines()}
+    rows = [line.strip() for line in report.read_text(encoding="utf-8").splitlines()
+            if line.startswith(tuple(f"| {t} |" for t in TASKS))]
+    # Rows of the summary (10 cells) and of --per-run (6 cells); hand-made comparison tables
+    # (other shapes) are not summarize output.
+    checked = [r for r in rows if r.count("|") - 1 in (6, 10)]
+    assert checked or report.name != "RESULTS.md", f"{report.name}: no summarize rows found"
+    missing = [r for r in checked if r not in printed]
+    assert not missing, f"{report.name}: rows that no summarize command prints now:\n" + "\n".join(missing)
+
+
+def test_figure_commands_run(at_repository_root, tmp_path, capsys):
+    """boxplot and noise-stability for real (outputs to a temporary folder, noise-stability on a
+    few examples); noise-stability on a fine-tuned run needs the --save-model run made by a
+    train.py command earlier in the same report."""
+    matplotlib = pytest.importorskip("matplotlib", reason="the figures need matplotlib (optional)")
+    assert matplotlib
+    report_commands = commands(ROOT / "docs" / "RESULTS.md")
+    saved_runs = set()
+    for argv in report_commands:
+        if argv[0] == "train.py" and "--save-model" in argv:
+            args = train.build_parser().parse_args(argv[1:])
+            method = args.method or args.methods
+            saved_runs.add(f"{args.output_dir}/{train.glue.get_task(args.task).name}/{method}/seed{args.seed}")
+        if argv[:2] == ["evaluate.py", "boxplot"]:
+            out = argv.index("--output") + 1
+            png = tmp_path / "boxplot.png"
+            assert evaluate.main(argv[1:out] + [str(png)] + argv[out + 1:]) == 0
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if argv[:2] == ["evaluate.py", "noise-stability"]:
+            args = analysis.noise_stability_parser().parse_args(argv[2:])
+            if args.run:
+                assert args.run in saved_runs, f"{args.run}: no train.py --save-model command before it"
+                continue
+            out = argv.index("--output-dir") + 1
+            assert evaluate.main(argv[1:out] + [str(tmp_path / "noise")] + argv[out + 1:]
+                                 + ["--max-samples", "4"]) == 0
+            assert (tmp_path / "noise" / "noise_stability.png").is_file()
