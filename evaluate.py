@@ -154,12 +154,13 @@ def summarize(runs, baseline="ft"):
             base_label = next((lab for lab, b in by_label.items()
                                if b[0]["method"] == baseline and b[0]["_settings"] == rs[0]["_settings"]), None)
             base = [r["_value"] for r in by_label[base_label]] if base_label else []
-            values = [r["_value"] for r in sorted(rs, key=lambda r: r["seed"])]
+            rs = sorted(rs, key=lambda r: r["seed"])
+            values = [r["_value"] for r in rs]
             row = describe(values)
             row["metric"] = rs[0]["metric"]
-            row["seeds"] = sorted(r["seed"] for r in rs)
+            row["seeds"] = [r["seed"] for r in rs]
             row["values"] = values                               # in seed order, for --per-run
-            row["train_seconds"] = [r.get("train_seconds") for r in sorted(rs, key=lambda r: r["seed"])]
+            row["train_seconds"] = [r.get("train_seconds") for r in rs]
             row["p_vs_" + baseline] = welch_p(values, base) if label != base_label else None
             row["partial"] = any(r.get("partial") for r in rs)
             if all(isinstance(r.get("train"), dict) and r["metric"] in r["train"] for r in rs):
@@ -176,6 +177,10 @@ def method_order(labels):
     return sorted(labels, key=lambda m: (known.index(method(m)) if method(m) in known else len(known), m))
 
 
+def task_order(tasks):
+    return sorted(tasks, key=lambda t: (PAPER_TASK_ORDER.index(t) if t in PAPER_TASK_ORDER else 99, t))
+
+
 def fmt(x, digits=2):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -185,7 +190,7 @@ def fmt_p(p):
 
 
 def markdown(table, baseline="ft"):
-    tasks = sorted(table, key=lambda t: (PAPER_TASK_ORDER.index(t) if t in PAPER_TASK_ORDER else 99, t))
+    tasks = task_order(table)
     methods = method_order({m for t in tasks for m in table[t]})
     lines = ["| method | " + " | ".join(f"{t} mean | {t} std | {t} max" for t in tasks) + " |",
              "|---|" + "---:|" * (3 * len(tasks))]
@@ -226,7 +231,7 @@ def seconds_range(seconds):
 def per_run_markdown(table):
     """One line per task and method: the score of every seed and the range of training times,
     so that a report can show each run next to the summary it came from."""
-    tasks = sorted(table, key=lambda t: (PAPER_TASK_ORDER.index(t) if t in PAPER_TASK_ORDER else 99, t))
+    tasks = task_order(table)
     lines = ["| task | method | n | dev metric per seed | seeds | training time per run |",
              "|---|---|---:|---|---|---:|"]
     for t in tasks:

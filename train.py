@@ -619,15 +619,14 @@ def main(argv=None):
         todo = []
         for m, folder, method_args, s in runs:
             run_dir = Path(args.output_dir) / spec.name / folder / f"seed{s}"
-            if (run_dir / "results.json").exists():
+            finished = (run_dir / "results.json").exists()
+            if finished:
                 check_finished_run(run_dir, run_settings(method_args, spec, m, s))
             else:
                 todo.append((m, folder, method_args, s))
+            if args.dry_run:
+                print(f"{run_dir}: {'finished, same settings' if finished else 'to run'}")
         if args.dry_run:
-            for m, folder, method_args, s in runs:
-                run_dir = Path(args.output_dir) / spec.name / folder / f"seed{s}"
-                status = "to run" if (m, folder, method_args, s) in todo else "finished, same settings"
-                print(f"{run_dir}: {status}")
             print(f"{len(runs)} runs, {len(todo)} to run (dry run: nothing was trained)", file=sys.stderr)
             return 0
         if len(todo) < len(runs):
