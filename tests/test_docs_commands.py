@@ -137,3 +137,17 @@ def test_figure_commands_run(at_repository_root, tmp_path, capsys):
             assert evaluate.main(argv[1:out] + [str(tmp_path / "noise")] + argv[out + 1:]
                                  + ["--max-samples", "4"]) == 0
             assert (tmp_path / "noise" / "noise_stability.png").is_file()
+
+
+def test_readme_methods_table_scores_are_the_committed_runs(at_repository_root):
+    # README's Methods table repeats RESULTS.md's RTE and MRPC means in another shape; it must
+    # not drift from the runs either.
+    runs, _ = evaluate.read_runs(ROOT / "results" / "glue")
+    table = evaluate.summarize(runs)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\w+) \| [\d.]+ \| [\d.]+ \| (.+?) \| (.+?) \| .+ \| .+ \|$", readme, re.M)
+    assert len(rows) == 7, "README's Methods table not found"
+    for method, *cells in rows:
+        for task, cell in zip(("RTE", "MRPC"), cells):
+            row = table[task][method]
+            assert cell == f"{evaluate.fmt(row['mean'])} +- {evaluate.fmt(row['std'])} ({row['n']})", (method, task)
