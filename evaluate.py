@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bert.errors import InputError
+from run_records import legacy_method_options, with_legacy_settings
 
 SUBCOMMANDS = ("summarize", "boxplot", "noise-stability")
 PAPER_TASK_ORDER = ["RTE", "MRPC", "CoLA", "STS-B"]
@@ -34,7 +35,7 @@ REQUIRED_KEYS = ("task", "method", "seed", "metric", "dev")
 # of the same settings. Seeds, the device and the evaluation batch size are left out.
 RUN_SETTINGS = ("model", "epochs", "batch_size", "lr", "warmup", "weight_decay", "optimizer",
                 "max_grad_norm", "max_seq_length", "max_train_samples", "train_fraction",
-                "max_eval_samples", "precision")
+                "max_eval_samples", "precision", "allow_tf32", "dropout_stream")
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -81,7 +82,8 @@ def read_runs(*roots: Path):
         r["_value"] = 100.0 * value
         settings = run_settings(results.parent / "config.json", r)
         r["_settings"] = json.dumps(settings, sort_keys=True)
-        r["_options"] = json.dumps({**(r.get("method_options") or {}), **settings}, sort_keys=True)
+        options = legacy_method_options(r["method"], r.get("method_options"))
+        r["_options"] = json.dumps({**options, **settings}, sort_keys=True)
         key = (r["task"], r["method"], r["_options"], r["seed"])
         if key in seen:
             problems.append(f"{results}: the same task, method, options and seed as {seen[key]}; not counted twice")
@@ -94,8 +96,8 @@ def read_runs(*roots: Path):
 def run_settings(config_file: Path, results: dict) -> dict:
     """The RUN_SETTINGS of a run: from its config.json, else (hand-made folders) results.json."""
     try:
-        settings = json.loads(config_file.read_text(encoding="utf-8")).get("settings") or {}
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        settings = with_legacy_settings(json.loads(config_file.read_text(encoding="utf-8")).get("settings") or {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
         settings = {}
     found = {k: settings.get(k, results.get(k)) for k in RUN_SETTINGS if k in settings or k in results}
     # Figure 4's rows: 15%, 30%, 50% and the full training set (None in a run's files).
@@ -288,7 +290,7 @@ def cmd_run(argv):
     import glue
     from bert.model import BertClassifier
     from bert.tokenizer import Tokenizer
-    from train import pick_device, predict
+    from train import NumericRecipe, apply_recipe, pick_device, predict
 
     run_dir = Path(args.run_dir)
     config_path = run_dir / "config.json"
@@ -311,6 +313,7 @@ def cmd_run(argv):
     splits = spec.dev_splits if args.split == "dev" else spec.test_splits
     glue.ensure_task_data(spec.name, data_dir, splits=splits)
     precision = settings.get("precision", "fp32")
+    apply_recipe(NumericRecipe(precision, bool(settings.get("allow_tf32", False))))   # as the run trained
     for s in splits:
         examples = glue.load_examples(spec.name, s, data_dir)
         features = glue.encode(examples, tokenizer, settings.get("max_seq_length", 128))

@@ -33,6 +33,7 @@ import glue
 import optim
 import regularizers
 from bert.errors import InputError
+from run_records import with_legacy_settings
 
 PAPER_MODEL = "bert-large-uncased-whole-word-masking"
 
@@ -126,6 +127,11 @@ def build_parser():
     s.add_argument("--seed", type=int, help="the seed of a single run; it fixes head init, data order, "
                                             "dropout and noise (default: 1)")
     s.add_argument("--seeds", help="several seeds: 1-25, 1,3,5 or 1-3,7")
+    p.add_argument("--dropout-stream", choices=["step", "run"], default="step",
+                   help="step: the dropout masks of step t are drawn from a stream seeded by (seed, t) "
+                        "alone, so runs of one seed are paired: every method that keeps the clean pass "
+                        "sees ft's masks in layers 1..L-1 at every step; run: one stream seeded once "
+                        "per run, as all runs made before 2026-12-02 (results/glue)")
     p.add_argument("--data-seed", type=int, default=None,
                    help="seed for data order and subsets only (default: --seed)")
     p.add_argument("--init-seed", type=int, default=None,
@@ -156,13 +162,21 @@ def build_parser():
                    help="also report the metric on the training set at the end (generalization gap)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when available")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16: bfloat16 autocast for matrix products (weights and optimizer stay fp32). "
-                        "auto (default): bf16 where the hardware computes it natively (a CUDA GPU "
-                        "with bf16, a CPU with avx512_bf16 or amx_bf16) for ft, l2sp and mixout; fp32 "
-                        "elsewhere and always for lnsr, noise, smart and r3f, whose noise is below bf16's "
-                        "resolution; the choice is recorded in config.json. On CUDA, fp32 matrix "
-                        "products use TF32 tensor cores")
+    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
+                   help="the format of matrix products, one for every run of the command (weights and "
+                        "optimizer stay fp32). fp32: full fp32, also on a GPU (no TF32). tf32 (CUDA only): "
+                        "TF32 tensor cores for fp32 products. bf16: bfloat16 autocast. auto: bf16 if every "
+                        "method of the command tolerates it and the hardware computes it natively (a CUDA "
+                        "GPU with bf16, a CPU with avx512_bf16 or amx_bf16), else fp32. lnsr, noise, smart "
+                        "and r3f perturb by less than bf16's and TF32's rounding step, so with any of them "
+                        "auto is fp32 for every arm and bf16 or tf32 are refused. config.json records the "
+                        "resolved precision and whether TF32 was allowed")
+    p.add_argument("--deterministic", action="store_true",
+                   help="CUDA: deterministic kernels only (torch.use_deterministic_algorithms and "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8, set before CUDA starts), so that repeating a run "
+                        "on the same GPU gives the same bits, at some cost in speed; without it, GPU runs "
+                        "differ between repeats in the last digits (README, 'On a GPU'). CPU runs are "
+                        "repeatable either way")
     p.add_argument("--log-every", type=int, default=20, help="write a log.jsonl line every N steps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true",
@@ -280,6 +294,15 @@ def evaluate(model, features, task, batch_size, device, precision):
     return glue.compute_metrics(task, preds, features.labels)
 
 
+def prediction_spread(predictions, is_regression) -> dict:
+    """How the dev predictions spread, to tell a run that collapsed to one answer: how many
+    examples each class got (classification), or the scores' standard deviation (regression)."""
+    if is_regression:
+        return {"std": float(np.std(np.asarray(predictions, dtype=np.float64)))}
+    classes, counts = np.unique(np.asarray(predictions), return_counts=True)
+    return {"class_counts": {str(int(c)): int(n) for c, n in zip(classes, counts)}}
+
+
 # ----------------------------------------------------------------------------- one run
 
 # One --seed drives several random streams. Giving two generators the same integer would
@@ -326,8 +349,9 @@ def variant_name(method: str, settings: dict) -> str:
 EVAL_SUBSET_SEED = 0      # every seed of a sweep is scored on the same dev examples
 
 
-def stream_seed(seed: int, stream: str) -> int:
-    return int(np.random.SeedSequence([seed, STREAMS[stream]]).generate_state(1)[0])
+def stream_seed(seed: int, stream: str, step: int | None = None) -> int:
+    entropy = [seed, STREAMS[stream]] + ([] if step is None else [step])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def select_subset(features, n=None, fraction=None, seed=0):
@@ -344,7 +368,7 @@ def select_subset(features, n=None, fraction=None, seed=0):
 
 # Flags that do not change what a run computes.
 NOT_SETTINGS = ("method", "methods", "seed", "seeds", "output_dir", "threads", "log_every", "save_model",
-                "data_dir", "native_bf16", "dry_run")
+                "data_dir", "recipe", "dry_run")
 
 
 def run_settings(args, spec, method_name, seed) -> dict:
@@ -352,7 +376,7 @@ def run_settings(args, spec, method_name, seed) -> dict:
     method_cls, options = method_options(method_name, args)
     settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS and "__" not in k}
     settings.update(task=spec.name, method=method_name, seed=seed,
-                    precision=resolve_precision(args.precision, method_cls, args.native_bf16),
+                    precision=args.recipe.precision, allow_tf32=args.recipe.allow_tf32,
                     data_seed=args.data_seed if args.data_seed is not None else seed,
                     init_seed=args.init_seed if args.init_seed is not None else seed,
                     method_options=dataclasses.asdict(options) if options else {})
@@ -362,8 +386,8 @@ def run_settings(args, spec, method_name, seed) -> dict:
 def check_finished_run(run_dir: Path, settings: dict):
     """A finished run is only skipped when it was made with the same settings."""
     try:
-        old = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["settings"]
-    except (OSError, ValueError, KeyError):
+        old = with_legacy_settings(json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["settings"])
+    except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"{run_dir}: has results.json but no readable config.json; "
                          "delete the folder to run it again") from None
     differ = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items()
@@ -421,6 +445,11 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
             if step >= total_steps:
                 break
             batch = to_device(batch, device)
+            if args.dropout_stream == "step":
+                # Dropout at step t depends on (seed, t) alone, not on how many masks the
+                # method drew before: ft and LNSR of one seed share every clean-pass mask
+                # below the last layer, and their scores can be compared seed by seed.
+                torch.manual_seed(stream_seed(seed, "dropout", step))
             with autocast(device, settings["precision"]):
                 outputs = model(*(batch[k] for k in MODEL_INPUTS))
                 loss = task_loss(outputs.logits, batch["labels"], spec.is_regression)
@@ -461,9 +490,10 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
     log.close()
     train_seconds = time.time() - start
 
-    dev_metrics = evaluate(model, dev, spec.name, args.eval_batch_size, device, settings["precision"])
+    dev_predictions = predict(model, dev, args.eval_batch_size, device, settings["precision"])
+    dev_metrics = glue.compute_metrics(spec.name, dev_predictions, dev.labels)
     results = {"task": spec.name, "method": method_name, "seed": seed, "metric": spec.main_metric,
-               "dev": dev_metrics, "train_seconds": round(train_seconds, 2), "steps": total_steps,
+               "dev": dev_metrics, "dev_predictions": prediction_spread(dev_predictions, spec.is_regression), "train_seconds": round(train_seconds, 2), "steps": total_steps,
                "n_train": len(train.input_ids), "n_dev": len(dev.input_ids),
                "partial": partial,
                "max_train_samples": args.max_train_samples, "train_fraction": args.train_fraction,
@@ -487,11 +517,7 @@ def pick_device(name):
         raise InputError("--device cuda: no CUDA device is available (use --device cpu)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True   # TF32 tensor cores for fp32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
-    return device
+    return torch.device(name)
 
 
 def cpu_flags() -> set:
@@ -510,22 +536,51 @@ def native_bf16(device) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def resolve_precision(requested, method_cls, native: bool) -> str:
-    """--precision auto -> bf16 where bf16 runs natively and the method tolerates it, else fp32.
+@dataclasses.dataclass(frozen=True)
+class NumericRecipe:
+    """How every run of one command computes: the format of its matrix products."""
+    precision: str           # "fp32", "tf32" (CUDA: fp32 storage, TF32 tensor-core products) or "bf16"
+    allow_tf32: bool         # torch.backends.cuda.matmul.allow_tf32 during the runs
 
-    On a CPU without bf16 instructions autocast emulates bf16, slower than fp32. And methods
-    that perturb hidden states (`Regularizer.needs_fp32`: lnsr, noise, smart, r3f) need fp32:
-    their noise (sigma 1e-3 to 1e-5) is far below bf16's resolution (8 bits of mantissa, steps of
-    ~0.4% of a value), so in bf16 it is mostly rounded away and a penalty such as LNSR's measures
-    rounding error instead (MiniLM, sigma 1e-4: 1.42 in bf16 against 0.00097 in fp32).
-    docs/SPEED.md has the measurements behind the default.
+
+def numeric_recipe(requested: str, method_classes, device_type: str, native: bool) -> NumericRecipe:
+    """The precision policy: one recipe for every arm of a command, the strictest any arm needs.
+
+    - Methods that perturb inputs or hidden states (`Regularizer.needs_fp32`: lnsr, noise, smart,
+      r3f) need full fp32. LNSR's sigma 1e-4 on the embedding output (elements of size ~0.5) is
+      ~2e-4 of a value, below the rounding error of both bf16 (up to 2^-8 ~ 4e-3 of a value, 7
+      mantissa bits) and TF32 (2^-11 ~ 5e-4, 10 mantissa bits): in either format the penalty
+      measures rounding error, not the noise (tests/test_train.py measures both). So with such a
+      method, fp32 products stay fp32 on a GPU too: no TF32.
+    - Table 1 compares arms trained alike, so a command's arms share one recipe: `auto` picks
+      bf16 only if every arm tolerates it and the hardware computes it natively (a CUDA GPU with
+      bf16, a CPU with avx512_bf16 or amx_bf16; elsewhere bf16 is emulated, slower than fp32),
+      and full fp32 otherwise. `auto` never picks TF32.
+    - An explicit format that some arm cannot take is refused before any work.
     """
-    if requested == "bf16" and method_cls.needs_fp32:
-        raise InputError(f"--precision bf16 with {method_cls.name}: its perturbations are below bf16's "
-                         "resolution, so its penalty would measure rounding error; use fp32 (auto picks it)")
+    strict = sorted({cls.name for cls in method_classes if cls.needs_fp32})
+    if requested in ("bf16", "tf32") and strict:
+        raise InputError(f"--precision {requested} with {', '.join(strict)}: its perturbations are below "
+                         f"{requested}'s resolution, so its penalty would measure rounding error; "
+                         "use fp32 (auto picks it)")
+    if requested == "tf32" and device_type != "cuda":
+        raise InputError("--precision tf32: TF32 is a format of CUDA tensor cores; on a CPU use fp32 or bf16")
     if requested == "auto":
-        return "bf16" if native and not method_cls.needs_fp32 else "fp32"
-    return requested
+        requested = "bf16" if native and not strict else "fp32"
+    return NumericRecipe(precision=requested, allow_tf32=requested == "tf32")
+
+
+def make_deterministic():
+    """Deterministic kernels for CUDA. cuBLAS reads its workspace setting when its first handle is
+    made, so this runs before anything touches the GPU."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
+def apply_recipe(recipe: NumericRecipe):
+    """Set torch's global switches for fp32 matrix products (they only matter on CUDA)."""
+    torch.backends.cuda.matmul.allow_tf32 = recipe.allow_tf32
+    torch.backends.cudnn.allow_tf32 = recipe.allow_tf32
 
 
 def keep_freed_memory():
@@ -599,15 +654,19 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
+        if args.deterministic and not args.dry_run:
+            make_deterministic()
         spec = glue.get_task(args.task)
         for split in ("train", "dev"):            # AX is test-only: say so before loading a model
             spec.split_layout(split)
         device = pick_device(args.device)
-        args.native_bf16 = native_bf16(device)
+        variants = parse_methods(args.methods or args.method or "lnsr")
+        # Unknown names and bad values fail before any work; then one recipe for every arm.
+        classes = [method_options(m, args)[0] for m, _ in variants]
+        args.recipe = numeric_recipe(args.precision, classes, device.type, native_bf16(device))
+        apply_recipe(args.recipe)
         methods = []                              # (method, run folder name, the run's args)
-        for m, own_settings in parse_methods(args.methods or args.method or "lnsr"):
-            method_cls, _ = method_options(m, args)   # unknown names and bad values fail before any work
-            resolve_precision(args.precision, method_cls, args.native_bf16)   # bf16 where fp32 is needed
+        for m, own_settings in variants:
             method_args = argparse.Namespace(**{**vars(args), **own_settings})
             check_args(method_args)
             methods.append((m, variant_name(m, own_settings), method_args))

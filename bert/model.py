@@ -298,22 +298,27 @@ class BertModel(nn.Module):
         """f^{b,r}(x_b) for r = b..L: the outputs of layers b..L given x_b, the input of layer b.
 
         attn_mask is the forward pass's `BertOutput.attn_mask`. With `rng_snapshot` (from the
-        same forward pass) the dropout masks are those of the forward pass; the global RNG is
-        left as it was, so a second pass never shifts the randomness of later steps.
+        same forward pass) the dropout masks are those of the forward pass, and the global RNG is
+        left as it was, so a replay never shifts the randomness of later steps. Without it this is
+        an ordinary pass through those layers: fresh dropout masks from the global RNG.
         """
         L = len(self.layers)
         if not 1 <= b <= L:
             raise ValueError(f"layer b={b} is outside 1..{L}")
+        if rng_snapshot is None:
+            return self._run_layers(x_b, attn_mask, b)
         with torch.random.fork_rng(devices=[x_b.device] if x_b.device.type == "cuda" else []):
-            if rng_snapshot is not None:
-                cpu_state, cuda_state = rng_snapshot
-                torch.set_rng_state(cpu_state)
-                if cuda_state is not None:
-                    torch.cuda.set_rng_state(cuda_state, x_b.device)
-            outputs, x = [], x_b
-            for layer in self.layers[b - 1:]:
-                x = layer(x, attn_mask)
-                outputs.append(x)
+            cpu_state, cuda_state = rng_snapshot
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, x_b.device)
+            return self._run_layers(x_b, attn_mask, b)
+
+    def _run_layers(self, x, attn_mask, b):
+        outputs = []
+        for layer in self.layers[b - 1:]:
+            x = layer(x, attn_mask)
+            outputs.append(x)
         return outputs
 
     @classmethod

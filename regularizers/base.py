@@ -25,9 +25,9 @@ class Regularizer:
     # position. Otherwise the model's last layer computes the [CLS] position only (all the
     # logits need; see BertModel.cls_only_last_layer) and hidden_states[L] is (B, 1, H).
     reads_hidden_states = False
-    # True if the method perturbs inputs or hidden states by amounts far below bf16's
-    # resolution (LNSR, FT+Noise, SMART, R3F): train.py then runs it in fp32 (see
-    # train.resolve_precision), since in bf16 the noise would be mostly rounded away.
+    # True if the method perturbs inputs or hidden states by amounts below the resolution of
+    # bf16 and TF32 (LNSR, FT+Noise, SMART, R3F): train.py then runs every arm of the command in
+    # full fp32 (see train.numeric_recipe), since in those formats the noise is rounded away.
     needs_fp32 = False
 
     def __init__(self, options=None):

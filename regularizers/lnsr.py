@@ -10,13 +10,24 @@ the batch average, as the loss is), and added to the task loss. The paper uses l
 every r (Section 5.4) and injects noise "at the first layer" (Section 4.4), which we read as
 b = 1: noise on the embedding output, the input of layer 1.
 
+Dropout in the noisy pass: two readings. The model is in training mode, so f^{b,r} carries
+dropout masks m. The paper's Eq. 3 treats f as deterministic and never says which masks the
+noisy pass uses; there are two ways to read Algorithm 1's "forward pass given x and x~":
+
+    shared       R = sum_r lambda_r || f^{b,r}(x^b + eps; m) - f^{b,r}(x^b; m)  ||^2
+    independent  R = sum_r lambda_r || f^{b,r}(x^b + eps; m') - f^{b,r}(x^b; m) ||^2,  m' drawn anew
+
+`--lnsr-dropout shared` (the noisy pass replays the clean pass's masks m: the forward pass
+records the RNG state before layer b and `run_layers` restores it) measures the injected noise
+and nothing else: with sigma = 0, R is exactly 0, in training mode too. `independent` is what
+running a Hugging Face model twice in training mode does: R then also measures, and mostly
+measures, the disagreement between two dropout draws (on MiniLM with sigma = 0, about 3434
+under "sum" and 0.32 under "mean"), a consistency regulariser under dropout.
+
 How the code maps to it:
 - f^{b,r}(x^b) for r = b..L are the clean forward pass's hidden states, reused: only the noisy
   branch f^{b,r}(x^b + eps) runs layers b..L a second time.
 - Gradients flow through both branches; the formula has no stop-gradient.
-- Both branches see the same dropout masks (the forward pass records the RNG state before layer
-  b and the noisy pass replays it), so R measures the injected noise and nothing else: with
-  sigma = 0 it is exactly 0, in training mode too.
 - Padding positions are masked out of the norm.
 - `reduction="sum"` is the squared L2 norm over all real tokens and hidden units, as written in
   Eq. 2; `"mean"` divides it by (real tokens x H), which makes a sigma carry over between models
@@ -24,11 +35,16 @@ How the code maps to it:
 - sigma is absolute, or with `relative_sigma` a fraction of each token's hidden-state scale:
   sigma_t = relative_sigma * ||x^b_t|| / sqrt(H), so that ||eps_t|| ~ relative_sigma * ||x^b_t||
   (the 5%-of-the-norm noise of the paper's Figure 1 is relative_sigma = 0.05).
+
+Which flags give which reading (docs/LNSR_READINGS.md compares them, paired by seed):
+- literal (the default): shared masks, "sum", sigma = 0.0001;
+- two-pass: --lnsr-dropout independent --lnsr-reduction mean (sigma 0.0001);
+- Figure-1 noise: --lnsr-reduction mean --lnsr-relative-sigma 0.05 (shared masks).
 The paper gives no numeric sigma. The default, 0.0001 with `reduction="sum"`, is the best of
 three pre-registered sweeps on MiniLM-L6 (docs/SIGMA_SWEEP.md: 0.00001 to 0.01), though by seed
 noise only: no sigma measurably beat plain fine-tuning there, and 0.001 and above hurt. Under
 "sum" the penalty grows with the number of tokens, the width H and the number of layers, so for
-BERT-Large it is not a tuned value. Run LNSR in fp32: bf16 rounds such noise away.
+BERT-Large it is not a tuned value. Run LNSR in fp32: bf16 and TF32 round such noise away.
 """
 from dataclasses import dataclass, field
 
@@ -51,6 +67,10 @@ class LNSROptions:
     reduction: str = field(default="sum", metadata={
         "help": "'sum': squared L2 norm over tokens and hidden units, as in Eq. 2; "
                 "'mean': the same divided by (tokens x H)"})
+    dropout: str = field(default="shared", metadata={
+        "help": "dropout masks of the noisy pass: 'shared' replays the clean pass's (R measures the "
+                "noise alone; sigma 0 gives R = 0); 'independent' draws its own, as running the model "
+                "twice in training mode does (R also measures two dropout draws' disagreement)"})
 
     def __post_init__(self):
         if self.sigma < 0:
@@ -61,6 +81,8 @@ class LNSROptions:
             raise InputError(f"--lnsr-layer must be >= 1, got {self.layer}")
         if self.reduction not in ("sum", "mean"):
             raise InputError(f"--lnsr-reduction must be 'sum' or 'mean', got {self.reduction!r}")
+        if self.dropout not in ("shared", "independent"):
+            raise InputError(f"--lnsr-dropout must be 'shared' or 'independent', got {self.dropout!r}")
         try:
             self.lambdas = [float(w) for w in str(self.weights).split(",")]
         except ValueError:
@@ -108,7 +130,8 @@ class LNSR(Regularizer):
         self.check(model.config)
         n = model.config.num_hidden_layers - o.layer + 1
         self.lambdas = o.lambdas * n if len(o.lambdas) == 1 else o.lambdas      # lambda_r, r = b..L
-        model.bert.rng_snapshot_layer = o.layer          # replay dropout in the noisy pass
+        # Shared masks: the clean pass records the RNG state before layer b for the noisy pass.
+        model.bert.rng_snapshot_layer = o.layer if o.dropout == "shared" else None
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
@@ -117,8 +140,9 @@ class LNSR(Regularizer):
         b = self.options.layer
         x_b = outputs.hidden_states[b - 1]                                      # (B, T, H)
         eps = sample_noise(x_b, self.options.sigma, self.options.relative_sigma, self.generator)
+        replay = outputs.rng_snapshot if self.options.dropout == "shared" else None   # m, or m' anew
         noisy = model.bert.run_layers(x_b + eps, outputs.attn_mask, b,            # f^{b,r}(x^b + eps)
-                                      rng_snapshot=outputs.rng_snapshot)
+                                      rng_snapshot=replay)
         clean = outputs.hidden_states[b:]                                         # f^{b,r}(x^b)
         token_mask = batch["attention_mask"][:, :, None].to(x_b.dtype)            # (B, T, 1)
         R = 0.0

@@ -188,3 +188,46 @@ def test_only_layers_b_to_L_run_a_second_time():
     lnsr_penalty(model, tiny_batch(), layer=b, sigma=0.05)
     assert calls == [1] * (b - 1) + [2] * (L - b + 1)
     assert len(embedding_calls) == 1
+
+
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("dropout", ["shared", "independent"])
+def test_noisy_pass_masks_are_the_clean_pass_masks_only_when_shared(monkeypatch, b, dropout):
+    model = tiny_model().train()
+    drawn = tiny.record_masks(monkeypatch)
+    torch.manual_seed(7)
+    R, _ = lnsr_penalty(model, tiny_batch(), layer=b, sigma=0.0, dropout=dropout)
+    clean = [m for step, p, r, m in drawn if p == "clean" and r >= b]      # layers b..L, in order
+    noisy = [m for step, p, r, m in drawn if p == "noisy"]
+    # Each layer draws attention dropout and two hidden dropouts: the lists are not trivial.
+    assert len(noisy) == len(clean) == 3 * (L - b + 1)
+    assert all(0 < m.float().mean() < 1 for m in clean)
+    same = [torch.equal(c, n) for c, n in zip(clean, noisy)]
+    if dropout == "shared":
+        assert all(same) and R.item() == 0.0
+    else:
+        assert not any(same) and R.item() > 0          # sigma 0: R is two dropout draws' distance
+
+
+def test_independent_dropout_with_sigma_zero_is_the_distance_of_two_dropout_draws():
+    """sigma 0, independent masks: R equals || f(x; m') - f(x; m) ||^2 of two full forward
+    passes from consecutive RNG states, computed by hand."""
+    b = 1
+    model = tiny_model().train()
+    batch = tiny_batch()
+    torch.manual_seed(11)
+    R, outputs = lnsr_penalty(model, batch, layer=b, sigma=0.0, dropout="independent", reduction="mean")
+    torch.manual_seed(11)
+    clean = forward(model, batch).hidden_states
+    # The noisy pass draws the next masks of the global stream, after the clean pass's.
+    noisy = model.bert.run_layers(clean[b - 1], clean_attn := outputs.attn_mask, b)
+    mask = batch["attention_mask"][:, :, None].float()
+    per_example = sum(((n - c) ** 2 * mask).sum(dim=(1, 2)) / (mask.sum(dim=(1, 2)) * n.shape[-1])
+                      for n, c in zip(noisy, clean[b:]))
+    assert clean_attn is not None
+    torch.testing.assert_close(R, per_example.mean(), rtol=1e-6, atol=0)
+
+
+def test_dropout_option_is_checked():
+    with pytest.raises(InputError, match="--lnsr-dropout"):
+        LNSROptions(dropout="fresh")

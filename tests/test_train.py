@@ -1,5 +1,6 @@
 """train.py end to end on the embedded MiniLM with tiny data subsets: determinism, resuming,
 failure handling and the one-line errors for bad input."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import evaluate
+from bert.errors import InputError
 import train
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"
@@ -78,6 +80,8 @@ def test_grid_writes_every_run_and_resumes(tmp_path, capsys):
             assert results["task"] == "RTE" and results["method"] == method and results["seed"] == seed
             assert results["metric"] == "acc" and 0 <= results["dev"]["acc"] <= 1
             assert results["train_seconds"] > 0 and len(log) == results["steps"] == 3
+            counts = results["dev_predictions"]["class_counts"]
+            assert set(counts) <= {"0", "1"} and sum(counts.values()) == results["n_dev"] == 16
     assert all(r["penalty"] == 0 for r in read_run(tmp_path, "ft", 1)[1])
     assert all(r["penalty"] > 0 for r in read_run(tmp_path, "lnsr", 1)[1])
     stamp = (tmp_path / "runs" / "RTE" / "ft" / "seed1" / "results.json").stat().st_mtime_ns
@@ -143,7 +147,7 @@ def test_options_that_do_not_fit_the_model_stop_the_grid_before_its_first_run(tm
 def test_a_crash_inside_a_run_leaves_failed_json(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
-    monkeypatch.setattr(train, "evaluate", crash)
+    monkeypatch.setattr(train, "predict", crash)
     with pytest.raises(RuntimeError):
         run(tmp_path, "--method", "ft", "--seed", "1")
     d = tmp_path / "runs" / "RTE" / "ft" / "seed1"
@@ -284,14 +288,85 @@ def test_lnsr_penalty_in_bf16_would_measure_rounding_error():
     assert penalties["bf16"] > 100 * penalties["fp32"] > 0
 
 
-def test_precision_auto_follows_the_hardware_and_the_method(monkeypatch):
+def round_to_tf32(x):
+    """fp32 -> the nearest value with TF32's 10 mantissa bits (what a tensor core reads)."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)         # drop the low 13 of 23 bits
+
+
+def test_round_to_tf32_keeps_ten_mantissa_bits():
+    x = torch.tensor([1.0, 1.0 + 2 ** -10, 1.0 + 2 ** -11 + 2 ** -13, 1.0 + 2 ** -12, -3.0 - 2 ** -9])
+    assert round_to_tf32(x).tolist() == [1.0, 1.0 + 2 ** -10, 1.0 + 2 ** -10, 1.0, -3.0 - 2 ** -9]
+
+
+def test_tf32_would_swamp_lnsr_noise_and_train_keeps_it_off_on_cuda(monkeypatch):
+    """Why the policy keeps fp32 products fp32 on a GPU. Every nn.Linear is made to compute as a
+    GPU does when torch.backends.cuda.matmul.allow_tf32 is on (inputs and weights rounded to
+    TF32, fp32 accumulation). Then at sigma 1e-4 the LNSR penalty is mostly rounding: many
+    times the fp32 penalty, and no longer shrinking with sigma^2. And the switch as train.py
+    leaves it for `--methods ft,lnsr` on a (mocked) CUDA device is off."""
+    import tiny
+    from regularizers.lnsr import LNSR, LNSROptions
+    linear = torch.nn.functional.linear
+
+    def gpu_linear(x, weight, bias=None):
+        if torch.backends.cuda.matmul.allow_tf32:
+            x, weight = round_to_tf32(x), round_to_tf32(weight)
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", gpu_linear)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)    # restored afterwards
+    model = tiny.tiny_model(num_layers=2, dropout=0.0).train()
+    batch = tiny.tiny_batch()
+
+    def penalty(sigma, tf32):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        method = LNSR(LNSROptions(sigma=sigma))
+        method.setup(model, 0)
+        with torch.no_grad():
+            return float(method.penalty(model, batch, tiny.forward(model, batch)))
+
+    fp32 = {s: penalty(s, False) for s in (1e-4, 1e-5)}
+    tf32 = {s: penalty(s, True) for s in (1e-4, 1e-5)}
+    assert 50 < fp32[1e-4] / fp32[1e-5] < 200             # fp32: the penalty is sigma^2 * |J|^2
+    assert tf32[1e-4] > 5 * fp32[1e-4]                     # TF32: mostly rounding ...
+    assert tf32[1e-4] / tf32[1e-5] < 10                    # ... that does not shrink with sigma
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    torch.backends.cuda.matmul.allow_tf32 = True           # whatever it was before the command
+    assert train.main(QUICK + ["--device", "cuda", "--methods", "ft,lnsr", "--output-dir",
+                               "unused", "--dry-run"]) == 0
+    as_trained = torch.backends.cuda.matmul.allow_tf32
+    model.zero_grad()
+    assert not as_trained and penalty(1e-4, as_trained) == fp32[1e-4]
+
+
+def test_precision_policy_gives_every_arm_the_strictest_recipe(monkeypatch):
+    """numeric_recipe, method by method and device by device: (precision, TF32 allowed)."""
     from regularizers import method_class
-    ft, lnsr = method_class("ft"), method_class("lnsr")
-    assert train.resolve_precision("fp32", ft, True) == "fp32"
-    assert train.resolve_precision("bf16", ft, False) == "bf16"
-    assert train.resolve_precision("auto", ft, True) == "bf16"
-    assert train.resolve_precision("auto", ft, False) == "fp32"
-    assert train.resolve_precision("auto", lnsr, True) == "fp32"        # noise below bf16's steps
+    ft, l2sp, mixout = method_class("ft"), method_class("l2sp"), method_class("mixout")
+    lnsr, noise, smart, r3f = (method_class(m) for m in ("lnsr", "noise", "smart", "r3f"))
+    recipe = lambda requested, classes, device, native: tuple(
+        dataclasses.astuple(train.numeric_recipe(requested, classes, device, native)))
+    for device in ("cpu", "cuda"):
+        for native in (True, False):
+            for strict in (lnsr, noise, smart, r3f):
+                # A method whose noise is below bf16's and TF32's rounding: full fp32, no TF32,
+                # and so is every other arm of the same command.
+                assert recipe("auto", [strict], device, native) == ("fp32", False)
+                assert recipe("auto", [ft, strict], device, native) == ("fp32", False)
+                assert recipe("fp32", [ft, strict], device, native) == ("fp32", False)
+                for refused in ("bf16", "tf32"):
+                    with pytest.raises(InputError, match=f"--precision {refused} with {strict.name}"):
+                        train.numeric_recipe(refused, [ft, strict], device, native)
+            tolerant = [ft, l2sp, mixout]
+            assert recipe("auto", tolerant, device, native) == (("bf16" if native else "fp32"), False)
+            assert recipe("fp32", tolerant, device, native) == ("fp32", False)     # fp32 means fp32
+            assert recipe("bf16", tolerant, device, native) == ("bf16", False)
+    assert recipe("tf32", [ft], "cuda", True) == ("tf32", True)      # only when asked for, by name
+    with pytest.raises(InputError, match="CUDA"):
+        train.numeric_recipe("tf32", [ft], "cpu", True)
     cpu = torch.device("cpu")
     monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     assert train.native_bf16(cpu)
@@ -303,15 +378,82 @@ def test_precision_auto_follows_the_hardware_and_the_method(monkeypatch):
     assert not train.native_bf16(cpu)
 
 
-def test_precision_auto_is_recorded_resolved(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "cpu_flags", lambda: set())
-    assert run(tmp_path, "--method", "ft") == 0
-    config = json.loads((tmp_path / "runs" / "RTE" / "ft" / "seed1" / "config.json").read_text())
-    assert config["settings"]["precision"] == "fp32"
-    # The same command on bf16 hardware is another setting, not a silent reuse of the fp32 run.
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_arms_of_one_command_record_the_same_recipe(tmp_path, monkeypatch, device):
+    """--methods ft,lnsr with --precision auto on bf16 hardware: both arms record fp32 and the
+    same TF32 setting. For 'cuda' the policy is told the device is a bf16-capable GPU while the
+    tensors stay on the CPU; the TF32 switch that train.py sets is read back while training."""
     monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512_bf16"})
-    assert run(tmp_path, "--method", "ft") == 2
-    assert run(tmp_path, "--methods", "ft,lnsr", out="grid") == 0    # one grid, two precisions
+    if device == "cuda":
+        policy = train.numeric_recipe
+        monkeypatch.setattr(train, "native_bf16", lambda device: True)
+        monkeypatch.setattr(train, "numeric_recipe", lambda requested, classes, device_type, native:
+                            policy(requested, classes, "cuda", native))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)    # as the old pick_device left it
+    seen = []
+    task_loss = train.task_loss
+    monkeypatch.setattr(train, "task_loss", lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32)
+                        or task_loss(*a))
+    assert run(tmp_path, "--methods", "ft,lnsr", "--max-train-samples", "8", out="grid") == 0
     settings = {m: json.loads((tmp_path / "grid" / "RTE" / m / "seed1" / "config.json").read_text())["settings"]
                 for m in ("ft", "lnsr")}
-    assert settings["ft"]["precision"] == "bf16" and settings["lnsr"]["precision"] == "fp32"
+    assert [(s["precision"], s["allow_tf32"]) for s in settings.values()] == [("fp32", False)] * 2
+    assert seen and not any(seen)                  # TF32 was off while both arms trained
+    # ft alone on the same hardware is another recipe: bf16, and a run of its own.
+    assert run(tmp_path, "--method", "ft", "--max-train-samples", "8", out="alone") == 0
+    alone = json.loads((tmp_path / "alone" / "RTE" / "ft" / "seed1" / "config.json").read_text())["settings"]
+    assert (alone["precision"], alone["allow_tf32"]) == ("bf16", False)
+
+
+def test_deterministic_sets_the_cublas_workspace_and_is_recorded(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on, **k: calls.append(on))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert run(tmp_path, "--method", "ft", "--max-train-samples", "8", "--deterministic") == 0
+    import os
+    assert calls == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    config = json.loads((tmp_path / "runs" / "RTE" / "ft" / "seed1" / "config.json").read_text())
+    assert config["settings"]["deterministic"] is True
+
+
+@pytest.mark.parametrize("stream", ["step", "run"])
+def test_runs_of_one_seed_share_the_clean_pass_dropout_masks(tmp_path, monkeypatch, stream):
+    """--dropout-stream step: ft and LNSR of one seed draw the same masks in layers 1..L-1 of
+    the clean pass at every step (LNSR's full last layer and its noisy pass draw more masks,
+    which under one stream per run shifts every mask after the first step)."""
+    import tiny
+    drawn = tiny.record_masks(monkeypatch)
+    assert run(tmp_path, "--methods", "ft,lnsr", "--seed", "3", "--dropout-stream", stream) == 0
+    L, steps = 6, 3
+    masks = {}
+    for step, pass_, r, mask in drawn:
+        if pass_ == "clean" and 1 <= r < L:
+            masks.setdefault(step, []).append(mask)
+    assert sorted(masks) == list(range(1, 2 * steps + 1))        # ft's 3 steps, then LNSR's
+    same = [len(masks[t]) == len(masks[t + steps]) and all(map(torch.equal, masks[t], masks[t + steps]))
+            for t in range(1, steps + 1)]
+    assert len(masks[1]) == 3 * (L - 1)
+    if stream == "step":
+        assert same == [True] * steps
+    else:
+        assert same == [True, False, False]        # the first step starts from the same state only
+    config = json.loads((tmp_path / "runs" / "RTE" / "lnsr" / "seed3" / "config.json").read_text())
+    assert config["settings"]["dropout_stream"] == stream
+
+
+def test_runs_made_before_a_setting_existed_read_as_they_were_made(tmp_path, capsys):
+    """A config.json from before --dropout-stream and --lnsr-dropout: resuming reads it as one
+    stream per run and shared masks, never as today's defaults."""
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--dropout-stream", "run") == 0
+    config_file = tmp_path / "runs" / "RTE" / "lnsr" / "seed1" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["settings"]["dropout_stream"], config["settings"]["method_options"]["dropout"]
+    config_file.write_text(json.dumps(config))
+    capsys.readouterr()
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--dropout-stream", "run", "--dry-run") == 0
+    assert "finished, same settings" in capsys.readouterr().out
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--dry-run") == 2
+    assert "dropout_stream: 'run' there, 'step' now" in capsys.readouterr().err
+    args = ["--method", "lnsr", "--seed", "1", "--dropout-stream", "run", "--lnsr-dropout", "independent"]
+    assert run(tmp_path, *args, "--dry-run") == 2
+    assert "'dropout': 'shared'" in capsys.readouterr().err

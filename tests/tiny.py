@@ -32,3 +32,39 @@ def tiny_batch(B=3, T=10, pad=(0, 3, 6)):
 
 def forward(model, batch):
     return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+
+
+def record_masks(monkeypatch):
+    """Record every dropout mask drawn from now on, as (step, pass, layer r, mask): step counts
+    the model's training-mode forward calls (from 1); pass is 'clean' inside such a call and
+    'noisy' outside it (a regularizer's second pass); r is the layer (1..L), 0 outside layers."""
+    import bert.model as bert_model
+    drawn, where = [], {"step": 0, "pass": "noisy", "layer": 0, "index": {}}
+    keep_mask, layer_forward = bert_model.keep_mask, bert_model.Layer.forward
+    classifier_forward = bert_model.BertClassifier.forward
+
+    def recording_keep_mask(shape, p, device):
+        keep, scale = keep_mask(shape, p, device)
+        drawn.append((where["step"], where["pass"], where["layer"], keep.clone()))
+        return keep, scale
+
+    def tracked_layer_forward(self, *args, **kwargs):
+        where["layer"] = where["index"][id(self)]
+        try:
+            return layer_forward(self, *args, **kwargs)
+        finally:
+            where["layer"] = 0
+
+    def tracked_classifier_forward(self, *args, **kwargs):
+        where["index"] = {id(layer): r for r, layer in enumerate(self.bert.layers, start=1)}
+        where["step"] += self.training
+        where["pass"] = "clean"
+        try:
+            return classifier_forward(self, *args, **kwargs)
+        finally:
+            where["pass"] = "noisy"
+
+    monkeypatch.setattr(bert_model, "keep_mask", recording_keep_mask)
+    monkeypatch.setattr(bert_model.Layer, "forward", tracked_layer_forward)
+    monkeypatch.setattr(bert_model.BertClassifier, "forward", tracked_classifier_forward)
+    return drawn
