@@ -19,7 +19,10 @@ import evaluate
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORTS = [ROOT / "docs" / "RESULTS.md", ROOT / "docs" / "SIGMA_SWEEP.md"]
+REPORTS = [ROOT / "docs" / "RESULTS.md", ROOT / "docs" / "SIGMA_SWEEP.md", ROOT / "docs" / "LNSR_READINGS.md"]
+# Protocols name runs before they exist: their commands must parse and every committed run must
+# match them, but runs still to come are allowed (the report of the results says which).
+PROTOCOLS = ("LNSR_READINGS.md",)
 TASKS = ("CoLA", "MRPC", "RTE", "STS-B")
 
 
@@ -85,7 +88,7 @@ def test_train_commands_parse_and_match_their_committed_runs(report, section, ar
         # A committed sweep holds every run its command names, unless the report lists the
         # command under "Still missing".
         pending = [line for line in out.splitlines() if line.endswith("to run")]
-        assert not pending or section == "Still missing", \
+        assert not pending or section == "Still missing" or report in PROTOCOLS, \
             f"{report}, {section}: runs not committed: {pending[:3]}"
 
 
