@@ -117,6 +117,33 @@ def welch_p(a, b):
         return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def paired_comparison(values: dict, baseline: dict) -> dict:
+    """A method against the baseline on the seeds both have: {seed: score} each.
+
+    d_s = method_s - baseline_s on the n matched seeds. mean_diff is the mean of d, the 95%
+    interval is mean_diff -/+ t_{0.975, n-1} * std(d, ddof=1) / sqrt(n), p is the paired t-test's
+    two-sided p-value (scipy.stats.ttest_rel), wins counts the seeds with d_s > 0 (a tie is not a
+    win), and r is the correlation of the two sides' scores across seeds: how much pairing
+    removes (the variance of d is var(a) + var(b) - 2 r sd(a) sd(b)). Seeds that only one side
+    has are left out and listed.
+    """
+    from scipy import stats
+    seeds = sorted(set(values) & set(baseline))
+    d = np.array([values[s] - baseline[s] for s in seeds], dtype=np.float64)
+    a, b = (np.array([side[s] for s in seeds], dtype=np.float64) for side in (values, baseline))
+    out = {"n": len(seeds), "mean_diff": float(d.mean()) if len(d) else None, "ci95": None, "p": None,
+           "wins": int((d > 0).sum()), "r": None,
+           "unmatched_seeds": sorted(set(values) ^ set(baseline))}
+    if len(d) >= 2:
+        half_width = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+        out["ci95"] = [float(d.mean() - half_width), float(d.mean() + half_width)]
+        if d.std() > 0:
+            out["p"] = float(stats.ttest_rel(a, b).pvalue)
+        if len(d) >= 3 and a.std() > 0 and b.std() > 0:
+            out["r"] = float(np.corrcoef(a, b)[0, 1])
+    return out
+
+
 def describe(values):
     v = np.asarray(values, dtype=np.float64)
     return {"n": int(v.size), "mean": float(v.mean()),
@@ -164,6 +191,9 @@ def summarize(runs, baseline="ft"):
             row["values"] = values                               # in seed order, for --per-run
             row["train_seconds"] = [r.get("train_seconds") for r in rs]
             row["p_vs_" + baseline] = welch_p(values, base) if label != base_label else None
+            if base_label and label != base_label:
+                row["paired_vs_" + baseline] = paired_comparison(
+                    {r["seed"]: r["_value"] for r in rs}, {b["seed"]: b["_value"] for b in by_label[base_label]})
             row["partial"] = any(r.get("partial") for r in rs)
             if all(isinstance(r.get("train"), dict) and r["metric"] in r["train"] for r in rs):
                 train = [100.0 * r["train"][r["metric"]] for r in rs]
@@ -212,6 +242,19 @@ def markdown(table, baseline="ft"):
             lines.append(f"| {t} | {row['metric']} | {m}{flag} | {row['n']} | {fmt(row['mean'])} | "
                          f"{fmt(row['std'])} | {fmt(row['median'])} | {fmt(row['min'])} | "
                          f"{fmt(row['max'])} | {fmt_p(row['p_vs_' + baseline])} |")
+    key = "paired_vs_" + baseline
+    if any(key in row for t in tasks for row in table[t].values()):
+        lines += ["", f"| task | method | paired seeds | mean diff vs {baseline} | 95% CI | p (paired t) | "
+                      f"wins | r with {baseline} | unmatched seeds |", "|---|---|---:|---:|---|---:|---:|---:|---|"]
+        for t in tasks:
+            for m in method_order(table[t]):
+                paired = table[t][m].get(key)
+                if paired:
+                    ci = "-" if paired["ci95"] is None else f"[{fmt(paired['ci95'][0])}, {fmt(paired['ci95'][1])}]"
+                    unmatched = ", ".join(map(str, paired["unmatched_seeds"])) or "-"
+                    lines.append(f"| {t} | {m} | {paired['n']} | {fmt(paired['mean_diff'])} | {ci} | "
+                                 f"{fmt_p(paired['p'])} | {paired['wins']}/{paired['n']} | "
+                                 f"{fmt(paired['r'])} | {unmatched} |")
     if any("gap" in row for t in tasks for row in table[t].values()):
         lines += ["", "| task | method | train | eval | gap |", "|---|---|---:|---:|---:|"]
         for t in tasks:

@@ -172,3 +172,37 @@ def test_per_run_table_lists_every_seed_and_the_range_of_training_times(tmp_path
     assert lnsr.endswith("| 1-913 s |")               # seeds 4 and 5 kept the 1.0 s of make_runs
     ft = next(line for line in lines if line.startswith("| RTE | ft | 4 |"))
     assert ft.endswith("| 1 s |")
+
+
+def test_paired_columns_equal_ttest_rel_and_a_hand_computed_interval(tmp_path, capsys):
+    """Seeds 1-4 of ft and 1-5 of lnsr, plus an lnsr folder with seed 7 alone: the paired
+    comparison uses seeds 1-4 and reports seed 5 as unmatched."""
+    make_runs(tmp_path, ft=FT, lnsr=LNSR)
+    assert evaluate.main(["summarize", str(tmp_path), "--json"]) == 0
+    paired = json.loads(capsys.readouterr().out)["RTE"]["lnsr"]["paired_vs_ft"]
+    ft, lnsr = 100 * np.array(FT), 100 * np.array(LNSR[:4])
+    d = lnsr - ft                                                  # 2, 7, -2, 10
+    assert paired["n"] == 4 and paired["unmatched_seeds"] == [5] and paired["wins"] == 3
+    assert paired["mean_diff"] == pytest.approx(4.25)
+    assert paired["p"] == pytest.approx(stats.ttest_rel(lnsr, ft).pvalue, rel=1e-9)
+    # By hand: std(d, ddof=1) = sqrt(((2-4.25)^2 + (7-4.25)^2 + (-2-4.25)^2 + (10-4.25)^2) / 3),
+    # t_{0.975, 3} = 3.182446305 (a t table), half width = t * std / sqrt(4).
+    std = np.sqrt((2.25 ** 2 + 2.75 ** 2 + 6.25 ** 2 + 5.75 ** 2) / 3)
+    half = 3.182446305 * std / 2
+    assert paired["ci95"] == pytest.approx([4.25 - half, 4.25 + half], rel=1e-8)
+    assert paired["ci95"] == pytest.approx(list(stats.ttest_rel(lnsr, ft).confidence_interval()), rel=1e-8)
+    assert paired["r"] == pytest.approx(stats.pearsonr(lnsr, ft).statistic, rel=1e-9)
+    assert evaluate.main(["summarize", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("| RTE | lnsr | 4 |"))
+    assert f"| 4.25 | [{4.25 - half:.2f}, {4.25 + half:.2f}] |" in line and line.endswith(f"| 3/4 | {paired['r']:.2f} | 5 |")
+
+
+def test_paired_comparison_edge_cases():
+    one = evaluate.paired_comparison({1: 50.0, 2: 60.0}, {1: 40.0, 3: 45.0})
+    assert one["n"] == 1 and one["mean_diff"] == 10.0 and one["ci95"] is None and one["p"] is None
+    assert one["unmatched_seeds"] == [2, 3] and one["wins"] == 1
+    same = evaluate.paired_comparison({1: 50.0, 2: 60.0}, {1: 50.0, 2: 60.0})
+    assert same["mean_diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["p"] is None and same["wins"] == 0
+    none = evaluate.paired_comparison({1: 50.0}, {2: 40.0})
+    assert none["n"] == 0 and none["mean_diff"] is None
