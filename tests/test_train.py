@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate
+import tiny
 from bert.errors import InputError
 import train
 
@@ -288,15 +289,9 @@ def test_lnsr_penalty_in_bf16_would_measure_rounding_error():
     assert penalties["bf16"] > 100 * penalties["fp32"] > 0
 
 
-def round_to_tf32(x):
-    """fp32 -> the nearest value with TF32's 10 mantissa bits (what a tensor core reads)."""
-    bits = x.float().contiguous().view(torch.int32)
-    return ((bits + 0x1000) & -0x2000).view(torch.float32)         # drop the low 13 of 23 bits
-
-
 def test_round_to_tf32_keeps_ten_mantissa_bits():
     x = torch.tensor([1.0, 1.0 + 2 ** -10, 1.0 + 2 ** -11 + 2 ** -13, 1.0 + 2 ** -12, -3.0 - 2 ** -9])
-    assert round_to_tf32(x).tolist() == [1.0, 1.0 + 2 ** -10, 1.0 + 2 ** -10, 1.0, -3.0 - 2 ** -9]
+    assert tiny.round_to_tf32(x).tolist() == [1.0, 1.0 + 2 ** -10, 1.0 + 2 ** -10, 1.0, -3.0 - 2 ** -9]
 
 
 def test_tf32_would_swamp_lnsr_noise_and_train_keeps_it_off_on_cuda(monkeypatch):
@@ -311,7 +306,7 @@ def test_tf32_would_swamp_lnsr_noise_and_train_keeps_it_off_on_cuda(monkeypatch)
 
     def gpu_linear(x, weight, bias=None):
         if torch.backends.cuda.matmul.allow_tf32:
-            x, weight = round_to_tf32(x), round_to_tf32(weight)
+            x, weight = tiny.round_to_tf32(x), tiny.round_to_tf32(weight)
         return linear(x, weight, bias)
 
     monkeypatch.setattr(torch.nn.functional, "linear", gpu_linear)

@@ -1,4 +1,4 @@
-"""A tiny random BERT classifier and a padded batch, shared by the regularizer tests."""
+"""A tiny random BERT classifier, a padded batch and other helpers shared by the tests."""
 import torch
 
 from bert.config import BertConfig
@@ -68,3 +68,9 @@ def record_masks(monkeypatch):
     monkeypatch.setattr(bert_model.Layer, "forward", tracked_layer_forward)
     monkeypatch.setattr(bert_model.BertClassifier, "forward", tracked_classifier_forward)
     return drawn
+
+
+def round_to_tf32(x):
+    """fp32 -> the nearest value with TF32's 10 mantissa bits (what a tensor core reads)."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)         # drop the low 13 of 23 bits
