@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bert.errors import InputError
+from bert.errors import InputError, existing_folder, folder_to_write
 
 MATPLOTLIB_HINT = "matplotlib is not installed; `pip install matplotlib` to draw the plot"
 
@@ -208,8 +208,11 @@ def noise_stability_parser():
     p.add_argument("--max-samples", type=int, default=None,
                    help="measure on a seeded random subset of this many examples (train.py's dev subset)")
     p.add_argument("--max-seq-length", type=int, default=None, help="default: the run's, else 128")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--noise-ratio", type=float, default=0.05, help="||noise|| / ||output||, per example")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="examples per forward pass (no effect on the result; memory and speed only)")
+    p.add_argument("--noise-ratio", type=float, default=0.05,
+                   help="the injected noise's L2 norm as a fraction of the layer output's, per example "
+                        "(the paper's Figure 1: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--output-dir", default=None, help="default: runs/noise_stability/<task>")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -232,6 +235,10 @@ def cmd_noise_stability(argv):
     for name in ("batch_size", "max_samples", "max_seq_length"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.data_dir is not None:
+        existing_folder(args.data_dir, "--data-dir")
+    if args.output_dir is not None:
+        folder_to_write(args.output_dir, "--output-dir")
     subjects, run_config = [], {}
     if args.model:
         subjects.append(Subject(name=args.model, kind="pretrained", model_dir=resolve(args.model)))

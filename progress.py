@@ -1,0 +1,84 @@
+"""Status lines for long commands, and the time left for a whole grid of runs.
+
+On a terminal one status line is rewritten in place as the work goes; in a log file (stderr
+redirected) a plain line is written at the first step of each phase, then every
+`LOG_INTERVAL` seconds, and at the end. Phase messages ("loading ...", a run's result) are
+whole lines either way.
+"""
+import sys
+import time
+
+LOG_INTERVAL = 10.0          # seconds between status lines in a log file
+TTY_INTERVAL = 0.2           # at most this often on a terminal
+
+
+def format_seconds(s) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class StatusLine:
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last_print = 0.0
+        self.open = False            # a status line is on the terminal, not yet ended
+
+    def say(self, text: str):
+        """A whole line: a phase starting, a result."""
+        self.end()
+        print(text, file=self.stream, flush=True)
+
+    def status(self, text: str, force: bool = False):
+        """The current state; shown now if forced, else when enough time has passed."""
+        now = time.time()
+        if not force and now - self.last_print < (TTY_INTERVAL if self.tty else LOG_INTERVAL):
+            return
+        self.last_print = now
+        if self.tty:
+            print("\r" + text[:160].ljust(min(len(text), 160) + 2), end="", file=self.stream, flush=True)
+            self.open = True
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def end(self):
+        if self.open:
+            print(file=self.stream, flush=True)
+            self.open = False
+
+
+class GridClock:
+    """Time left for every run of a command.
+
+    Each run's remaining training steps are priced at the seconds per step measured for its
+    method (the run in progress: its own speed so far), or, for a method not yet seen, at the
+    mean speed of the steps timed so far; each run also pays the mean time measured outside its
+    training loop (loading the model onto the device, evaluation).
+    """
+
+    def __init__(self, plan):
+        self.plan = list(plan)               # [(method, steps)], in the order they run
+        self.timed = {}                      # method -> [training seconds, steps]
+        self.overheads = []                  # seconds outside the training loop, per run
+
+    def finished(self, index: int, train_seconds: float, total_seconds: float):
+        method, steps = self.plan[index]
+        seconds_steps = self.timed.setdefault(method, [0.0, 0])
+        seconds_steps[0] += train_seconds
+        seconds_steps[1] += steps
+        self.overheads.append(max(0.0, total_seconds - train_seconds))
+
+    def seconds_left(self, index: int, steps_done: int, run_seconds: float) -> float | None:
+        """None until there is a first speed to go by."""
+        method, steps = self.plan[index]
+        known = {m: s / n for m, (s, n) in self.timed.items() if n}
+        now = run_seconds / steps_done if steps_done else None
+        rates = list(known.values()) + ([now] if now else [])
+        if not rates:
+            return None
+        default = sum(rates) / len(rates)
+        rate = lambda m: known.get(m, default)
+        left = (steps - steps_done) * (now or rate(method))
+        left += sum(n * rate(m) for m, n in self.plan[index + 1:])
+        overhead = sum(self.overheads) / len(self.overheads) if self.overheads else 0.0
+        return left + overhead * (len(self.plan) - index)

