@@ -388,12 +388,18 @@ def score_groups(runs):
     return {t: {m: groups[t][m] for m in evaluate.method_order(groups[t])} for t in tasks}
 
 
+MAX_FIGURE_INCHES = 13.3         # x 120 dpi: at most 1600 pixels wide, readable on one screen
+
+
 def plot_boxplot(groups, metrics: dict, path: Path, title: str = "") -> Path:
-    """Figures 2 and 5: per task a box plot of the main metric for each method, seeds as dots."""
+    """Figures 2 and 5: per task a box plot of the main metric for each method, seeds as dots.
+
+    One row of panels per task, so that the figure grows downwards with the tasks and stays at
+    most 1600 pixels wide."""
     plt = pyplot()
-    width = max(3.2, 0.9 * max(len(g) for g in groups.values()) + 1)
-    fig, axes = plt.subplots(1, len(groups), figsize=(width * len(groups), 4.5), squeeze=False)
-    for ax, (task, by_label) in zip(axes[0], groups.items()):
+    width = min(MAX_FIGURE_INCHES, max(5.0, 1.1 * max(len(g) for g in groups.values()) + 1.5))
+    fig, axes = plt.subplots(len(groups), 1, figsize=(width, 3.2 * len(groups)), squeeze=False)
+    for ax, (task, by_label) in zip(axes[:, 0], groups.items()):
         labels = list(by_label)
         ax.boxplot([by_label[m] for m in labels], widths=0.5, showfliers=False)
         jitter = np.random.default_rng(0)               # dots spread sideways, same picture every time
@@ -401,8 +407,9 @@ def plot_boxplot(groups, metrics: dict, path: Path, title: str = "") -> Path:
             x = i + jitter.uniform(-0.12, 0.12, len(by_label[m]))
             ax.plot(x, by_label[m], "o", markersize=3, alpha=0.6, color="tab:blue")
         ax.set_xticks(range(1, len(labels) + 1))
-        ax.set_xticklabels(labels, rotation=30 if max(map(len, labels)) > 6 else 0, ha="right", fontsize=8)
-        ax.set_title(f"{task} ({metrics.get(task, '')}, %)")
+        ax.set_xticklabels(labels, rotation=15 if max(map(len, labels)) > 12 else 0,
+                           ha="right" if max(map(len, labels)) > 12 else "center", fontsize=8)
+        ax.set_ylabel(f"{task} {metrics.get(task, '')} (%)")
         ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title)
@@ -417,20 +424,21 @@ def cmd_boxplot(argv):
     p = argparse.ArgumentParser(prog="evaluate.py boxplot",
                                 description="Figure 2 of Hua et al.: per task, a box plot of the main dev "
                                             "metric over seeds for each method (rows as in summarize).")
-    p.add_argument("dir", help="a folder of runs (train.py --output-dir)")
-    p.add_argument("--output", default=None, help="PNG file (default: <dir>/boxplot.png)")
+    p.add_argument("dir", nargs="+", help="one or more folders of runs (train.py --output-dir), read as one "
+                                          "collection, as summarize reads them")
+    p.add_argument("--output", default=None, help="PNG file (default: <first dir>/boxplot.png)")
     p.add_argument("--title", default="", help="a title over the plot")
     args = p.parse_args(argv)
     try:
         pyplot()
     except ImportError:
         raise InputError("box plots need matplotlib, an optional extra: pip install matplotlib") from None
-    runs, problems = evaluate.read_runs(Path(args.dir))
+    runs, problems = evaluate.read_runs(*map(Path, args.dir))
     for line in problems:
         print(f"skipped: {line}", file=sys.stderr)
     if not runs:
-        raise InputError(f"{args.dir}: no readable results.json below this folder")
-    output = Path(args.output) if args.output else Path(args.dir) / "boxplot.png"
+        raise InputError(f"{', '.join(args.dir)}: no readable results.json below")
+    output = Path(args.output) if args.output else Path(args.dir[0]) / "boxplot.png"
     if not output.parent.is_dir():
         raise InputError(f"--output {output}: folder {output.parent} does not exist")
     metrics = {r["task"]: r["metric"] for r in runs}

@@ -3,6 +3,7 @@ the files and plots of `evaluate.py noise-stability` and `boxplot`, and summarie
 few-sample fractions (Figure 4), injection layers (Figure 5) and train/eval gaps (Table 3)."""
 import csv
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -273,3 +274,5 @@ def test_box_plot_groups_and_png(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib", reason="matplotlib is an optional extra")
     assert evaluate.main(["boxplot", str(tmp_path), "--output", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC
+    width, height = struct.unpack(">II", out.read_bytes()[16:24])       # the PNG's IHDR chunk
+    assert width <= 1600 and height > width / 2                   # two tasks: two rows, one above the other
