@@ -375,19 +375,6 @@ def plot_noise_attenuation(results, path: Path, title: str = "") -> Path:
     return path
 
 
-def score_groups(runs):
-    """{task: {row label: [main metric in %, by seed]}}, with summarize's row labels and order."""
-    import evaluate
-    labels = evaluate.variant_labels(runs)
-    groups = {}
-    for r in sorted(runs, key=lambda r: r["seed"]):
-        label = labels[(r["task"], r["method"], r["_options"])]
-        groups.setdefault(r["task"], {}).setdefault(label, []).append(r["_value"])
-    order = evaluate.PAPER_TASK_ORDER
-    tasks = sorted(groups, key=lambda t: (order.index(t) if t in order else len(order), t))
-    return {t: {m: groups[t][m] for m in evaluate.method_order(groups[t])} for t in tasks}
-
-
 MAX_FIGURE_INCHES = 13.3         # x 120 dpi: at most 1600 pixels wide, readable on one screen
 
 
@@ -417,31 +404,3 @@ def plot_boxplot(groups, metrics: dict, path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def cmd_boxplot(argv):
-    import evaluate
-    p = argparse.ArgumentParser(prog="evaluate.py boxplot",
-                                description="Figure 2 of Hua et al.: per task, a box plot of the main dev "
-                                            "metric over seeds for each method (rows as in summarize).")
-    p.add_argument("dir", nargs="+", help="one or more folders of runs (train.py --output-dir), read as one "
-                                          "collection, as summarize reads them")
-    p.add_argument("--output", default=None, help="PNG file (default: <first dir>/boxplot.png)")
-    p.add_argument("--title", default="", help="a title over the plot")
-    args = p.parse_args(argv)
-    try:
-        pyplot()
-    except ImportError:
-        raise InputError("box plots need matplotlib, an optional extra: pip install matplotlib") from None
-    runs, problems = evaluate.read_runs(*map(Path, args.dir))
-    for line in problems:
-        print(f"skipped: {line}", file=sys.stderr)
-    if not runs:
-        raise InputError(f"{', '.join(args.dir)}: no readable results.json below")
-    output = Path(args.output) if args.output else Path(args.dir[0]) / "boxplot.png"
-    if not output.parent.is_dir():
-        raise InputError(f"--output {output}: folder {output.parent} does not exist")
-    metrics = {r["task"]: r["metric"] for r in runs}
-    plot_boxplot(score_groups(runs), metrics, output, args.title)
-    print(f"wrote {output}", file=sys.stderr)
-    return 0

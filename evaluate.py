@@ -324,6 +324,48 @@ def cmd_summarize(argv):
     return 0
 
 
+# ----------------------------------------------------------------------------- figures
+
+def score_groups(runs):
+    """{task: {row label: [main metric in %, by seed]}}, with summarize's row labels and order."""
+    labels = variant_labels(runs)
+    groups = {}
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        label = labels[(r["task"], r["method"], r["_options"])]
+        groups.setdefault(r["task"], {}).setdefault(label, []).append(r["_value"])
+    order = PAPER_TASK_ORDER
+    tasks = sorted(groups, key=lambda t: (order.index(t) if t in order else len(order), t))
+    return {t: {m: groups[t][m] for m in method_order(groups[t])} for t in tasks}
+
+
+def cmd_boxplot(argv):
+    import analysis
+    p = argparse.ArgumentParser(prog="evaluate.py boxplot",
+                                description="Figure 2 of Hua et al.: per task, a box plot of the main dev "
+                                            "metric over seeds for each method (rows as in summarize).")
+    p.add_argument("dir", nargs="+", help="one or more folders of runs (train.py --output-dir), read as one "
+                                          "collection, as summarize reads them")
+    p.add_argument("--output", default=None, help="PNG file (default: <first dir>/boxplot.png)")
+    p.add_argument("--title", default="", help="a title over the plot")
+    args = p.parse_args(argv)
+    try:
+        analysis.pyplot()
+    except ImportError:
+        raise InputError("box plots need matplotlib, an optional extra: pip install matplotlib") from None
+    runs, problems = read_runs(*map(Path, args.dir))
+    for line in problems:
+        print(f"skipped: {line}", file=sys.stderr)
+    if not runs:
+        raise InputError(f"{', '.join(args.dir)}: no readable results.json below")
+    output = Path(args.output) if args.output else Path(args.dir[0]) / "boxplot.png"
+    if not output.parent.is_dir():
+        raise InputError(f"--output {output}: folder {output.parent} does not exist")
+    metrics = {r["task"]: r["metric"] for r in runs}
+    analysis.plot_boxplot(score_groups(runs), metrics, output, args.title)
+    print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------------------- one run
 
 def cmd_run(argv):
@@ -390,9 +432,11 @@ def main(argv=None):
     try:
         if argv and argv[0] == "summarize":
             return cmd_summarize(argv[1:])
-        if argv and argv[0] in ("boxplot", "noise-stability"):
+        if argv and argv[0] == "boxplot":
+            return cmd_boxplot(argv[1:])
+        if argv and argv[0] == "noise-stability":
             import analysis
-            return {"boxplot": analysis.cmd_boxplot, "noise-stability": analysis.cmd_noise_stability}[argv[0]](argv[1:])
+            return analysis.cmd_noise_stability(argv[1:])
         return cmd_run(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bert.config import BertConfig
+from bert.weights import load_pretrained, save_pretrained
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),                       # exact, erf-based: BERT's own
@@ -323,8 +324,7 @@ class BertModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, verbose=True) -> "BertModel":
-        from bert.weights import load_pretrained
-        return load_pretrained(name_or_path, num_labels=None, verbose=verbose)
+        return load_pretrained(name_or_path, build=cls, num_labels=None, verbose=verbose)
 
 
 @dataclass
@@ -367,11 +367,10 @@ class BertClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, num_labels: int, verbose=True) -> "BertClassifier":
-        from bert.weights import load_pretrained
-        return load_pretrained(name_or_path, num_labels=num_labels, verbose=verbose)
+        return load_pretrained(name_or_path, build=lambda config: cls(config, num_labels),
+                               num_labels=num_labels, verbose=verbose)
 
     def save_pretrained(self, out_dir, tokenizer=None, label_names=None):
-        from bert.weights import save_pretrained
         save_pretrained(self, out_dir, tokenizer=tokenizer, label_names=label_names)
 
 

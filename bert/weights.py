@@ -19,7 +19,6 @@ import torch
 
 from bert.config import BertConfig
 from bert.errors import InputError
-from bert.model import BertClassifier, BertModel, init_weights
 
 # ours -> HF, outside the layer stack. HF names are those of `BertModel` (no `bert.` prefix).
 EMBEDDINGS_AND_POOLER = {
@@ -116,8 +115,10 @@ def read_safetensors(path: Path) -> dict:
                          "it may be truncated: delete it and download again") from None
 
 
-def load_pretrained(name_or_path, num_labels: int | None, verbose: bool = True):
-    """Build a BertModel (num_labels None) or BertClassifier from an HF checkpoint folder or name.
+def load_pretrained(name_or_path, build, num_labels: int | None, verbose: bool = True):
+    """Fill the module that `build(config)` makes from an HF checkpoint folder or name: a
+    BertModel (num_labels None) or a BertClassifier (bert/model.py's from_pretrained methods;
+    this file knows their parameter names, not their classes).
 
     A classifier head found in the checkpoint is loaded when its shape fits (re-evaluating a
     fine-tuned run); otherwise the head starts from N(0, 0.02^2) and zero bias.
@@ -128,7 +129,7 @@ def load_pretrained(name_or_path, num_labels: int | None, verbose: bool = True):
     file = folder / "model.safetensors"
     raw = read_safetensors(file)
 
-    model = BertModel(config) if num_labels is None else BertClassifier(config, num_labels)
+    model = build(config)
     bert = model if num_labels is None else model.bert
     report = LoadReport(folder=str(folder))
 
@@ -172,7 +173,10 @@ def load_pretrained(name_or_path, num_labels: int | None, verbose: bool = True):
         shown = ", ".join(encoder_missing[:6]) + (f" and {len(encoder_missing) - 6} more" if len(encoder_missing) > 6 else "")
         raise InputError(f"{file}: missing encoder weights: {shown}")
     if any(".pooler." in f".{m}" for m in report.missing):
-        init_weights(bert.pooler, config.initializer_range)     # BERT's init for what is absent
+        with torch.no_grad():            # BERT's init for what is absent, as model.init_weights
+            dense = bert.pooler.dense
+            dense.weight.copy_(torch.randn(dense.weight.shape) * config.initializer_range)
+            dense.bias.zero_()
         report.notes.append("the checkpoint has no pooler: pooler.dense starts from N(0, 0.02^2)")
     if num_labels is not None and "classifier.weight" in report.missing:
         model.init_head()
@@ -183,7 +187,7 @@ def load_pretrained(name_or_path, num_labels: int | None, verbose: bool = True):
     return model
 
 
-def hf_state_dict(model: BertClassifier) -> dict:
+def hf_state_dict(model) -> dict:
     """Our classifier's weights under BertForSequenceClassification's names."""
     ours = dict(model.state_dict())
     out = {f"bert.{hf}": ours[f"bert.{name}"]
@@ -193,7 +197,7 @@ def hf_state_dict(model: BertClassifier) -> dict:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
 
 
-def save_pretrained(model: BertClassifier, out_dir, tokenizer=None, label_names=None):
+def save_pretrained(model, out_dir, tokenizer=None, label_names=None):
     """Write config.json, model.safetensors (and tokenizer files) in HF's layout.
 
     Files are written under temporary names and renamed, so an interrupted save never leaves a

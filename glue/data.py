@@ -53,18 +53,15 @@ def task_file(task: str, split: str, data_dir=None) -> Path:
     return Path(data_dir or default_data_dir()) / spec.dir_name / layout.file
 
 
-def load_examples(task: str, split: str, data_dir=None, download: bool = False) -> list[Example]:
+def load_examples(task: str, split: str, data_dir=None) -> list[Example]:
     """Read one split of a GLUE task. split: "train", "dev", "test"; MNLI also "dev_matched",
     "dev_mismatched", "test_matched", "test_mismatched" ("dev" means dev_matched).
 
-    With download=True, missing task files are fetched first (glue.download.ensure_task_data).
+    Missing files are an error here; `glue.ensure_task_data` downloads them first.
     """
     spec = get_task(task)
     _, layout = spec.split_layout(split)
     data_dir = Path(data_dir or default_data_dir())
-    if download:
-        from glue.download import ensure_task_data     # imports requests only when needed
-        ensure_task_data(spec.name, data_dir)
     path = data_dir / spec.dir_name / layout.file
     if not path.is_file():
         raise InputError(

@@ -260,7 +260,7 @@ def test_box_plot_groups_and_png(tmp_path, monkeypatch, capsys):
             write_run(tmp_path, "CoLA", method, seed, v, "mcc", fraction)
     write_run(tmp_path, "RTE", "ft", 1, 0.7)
     runs, _ = evaluate.read_runs(tmp_path)
-    groups = analysis.score_groups(runs)
+    groups = evaluate.score_groups(runs)
     assert list(groups) == ["RTE", "CoLA"]                              # the paper's task order
     assert list(groups["CoLA"]) == ["ft (train_fraction=0.15)", "ft (train_fraction=1.0)",
                                     "lnsr (train_fraction=0.15)", "lnsr (train_fraction=1.0)"]
