@@ -16,16 +16,15 @@ Each layer is post-LayerNorm, as in the original BERT:
     a = LayerNorm(x + Dropout(Attention(x)))
     y = LayerNorm(a + Dropout(W_2 GELU(W_1 a)))
 
-Two shortcuts skip work whose result nobody reads (same values wherever they are read):
-on the CPU, every projection, the feed-forward block and the LayerNorms run on the real tokens
-only, so a layer's output is 0 at padding positions (Hugging Face computes values there that
-every later step masks out); and with `cls_only_last_layer` the last layer computes the [CLS]
-position only.
+Speed tricks sit behind three seams from bert/speed.py, out of the way of the math: `Dropout`
+(fast CPU masks), `attend` (the attention product) and `token_rows` (on a CPU, projections and
+the feed-forward block run on the real tokens alone, so a layer's output is 0 at padding, where
+Hugging Face computes values that every later step masks out). A fourth, `cls_only_last_layer`,
+lets the last layer compute the [CLS] position alone. None changes a value that is read.
 
 Weight names differ from Hugging Face's where a shorter name reads better; bert/weights.py maps
 between the two explicitly.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bert.config import BertConfig
+from bert.speed import Dropout, attend, token_rows     # the speed seams, see bert/speed.py
 from bert.weights import load_pretrained, save_pretrained
 
 ACTIVATIONS = {
@@ -41,58 +41,6 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
-
-
-# ----------------------------------------------------------------------------- dropout
-#
-# Dropout is BERT's only source of training-time randomness, and on a CPU drawing its masks is
-# expensive: torch's dropout calls bernoulli_ on a float tensor, element by element. Drawing
-# 64 random bits per two elements and comparing each 32-bit half with a threshold gives the same
-# Bernoulli(1 - p) masks several times faster. On a GPU torch's fused kernel is used.
-
-def keep_mask(shape, p: float, device) -> tuple:
-    """A bool mask, True with probability 1 - p, and 1 / (that probability), the dropout scale.
-
-    Each element compares 32 uniform random bits u (an int32, uniform on [-2^31, 2^31)) with
-    a threshold: it is dropped when u + 2^31 < round(p * 2^32), which happens with probability
-    p_drop = round(p * 2^32) / 2^32, within 2^-33 of p (float32's own uniform has 24 bits).
-    The bits come from torch's global generator, so seeding and `rng_state` replay apply.
-    """
-    n = math.prod(shape)
-    threshold = round(p * 2**32)
-    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2**63, None)
-    bits = words.view(torch.int32)[:n].view(shape)                   # uniform on [-2^31, 2^31)
-    return bits >= threshold - 2**31, 2**32 / (2**32 - threshold)
-
-
-class _DropoutFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, p):
-        keep, scale = keep_mask(x.shape, p, x.device)
-        mask = keep.to(x.dtype).mul_(scale)                       # 0 or 1/(1-p), in x's dtype
-        ctx.save_for_backward(mask)
-        return x * mask
-
-    @staticmethod
-    def backward(ctx, grad):
-        mask, = ctx.saved_tensors
-        return grad * mask, None
-
-
-def dropout(x, p: float, training: bool):
-    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p)."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0:
-        return F.dropout(x, p, training=True)
-    return _DropoutFunction.apply(x, p)
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with the fast CPU masks above (same `p` attribute, same semantics)."""
-
-    def forward(self, x):
-        return dropout(x, self.p, self.training)
 
 
 class Embeddings(nn.Module):
@@ -131,47 +79,25 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x, attn_mask, cls_query=None, real_rows=None):
-        """x: (B, T, H) -> (B, T, H); with cls_query, (B, 1, H).
+    def split_heads(self, x):                                   # (B, T, H) -> (B, h, T, d)
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.head_size).transpose(1, 2)
+
+    def forward(self, rows, attn_mask, tokens, cls_query=None):
+        """rows -> rows: the tokens' hidden states as `tokens` lays them out, (B, T, H) or the
+        real tokens alone, (N, H) (bert/speed.py). With cls_query, the (B, 1, H) [CLS] rows that
+        make the queries, the output is (B, 1, H); keys and values still come from every token.
 
         attn_mask is (B, 1, 1, T) bool (True = a real token) or None when nothing is padded.
-        cls_query: the (B, 1, H) rows that make the queries, [CLS] alone (the last layer when only
-        the pooler reads it); keys and values still come from every token.
-        real_rows: the (N,) indices of the real tokens among the B*T positions. x then holds
-        those tokens alone, (N, H), and so does the output (unless cls_query is given): the
-        projections skip the padding. Padding positions enter the attention product with
-        q = k = v = 0; as keys they are masked, and their query rows are dropped.
         """
-        if real_rows is None:
-            B, T, H = x.shape
-        else:
-            B, T, H = attn_mask.shape[0], attn_mask.shape[-1], x.shape[-1]
-
-        def split_heads(projected):                     # (B, T, H) or (N, H) -> (B, h, T, d)
-            if real_rows is not None:
-                projected = projected.new_zeros(B * T, H).index_copy_(0, real_rows, projected)
-            return projected.view(B, -1, self.n_heads, self.head_size).transpose(1, 2)
-
-        k, v = split_heads(self.key(x)), split_heads(self.value(x))                  # (B, h, T, d)
-        if cls_query is None:
-            q = split_heads(self.query(x))                                            # (B, h, T, d)
-        else:
-            q = self.query(cls_query).view(B, 1, self.n_heads, self.head_size).transpose(1, 2)
-        p = self.attn_dropout if self.training else 0.0
-        if p > 0.0 and x.device.type == "cpu":
-            # softmax(Q K^T / sqrt(d) + mask) V written out: on a CPU, SDPA with dropout takes
-            # this same path internally, but with torch's slower dropout masks.
-            scores = (q * self.head_size ** -0.5) @ k.transpose(-1, -2)           # (B, h, Tq, T)
-            if attn_mask is not None:   # -inf before the softmax: weight 0 on padding
-                scores.add_(torch.zeros(attn_mask.shape, dtype=scores.dtype, device=x.device)
-                            .masked_fill_(~attn_mask, float("-inf")))      # (B, 1, 1, T)
-            y = dropout(scores.softmax(dim=-1), p, True) @ v                          # (B, h, Tq, d)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, -1, H)                                       # (B, Tq, H)
-        if real_rows is not None and cls_query is None:
-            y = y.reshape(B * T, H).index_select(0, real_rows)                        # (N, H)
-        return self.out(y)
+        k = self.split_heads(tokens.grid(self.key(rows)))                       # (B, h, T, d)
+        v = self.split_heads(tokens.grid(self.value(rows)))                     # (B, h, T, d)
+        q = self.split_heads(tokens.grid(self.query(rows)) if cls_query is None
+                             else self.query(cls_query))                        # (B, h, Tq, d)
+        y = attend(q, k, v, attn_mask, self.attn_dropout if self.training else 0.0)
+        B, h, Tq, d = y.shape
+        y = y.transpose(1, 2).reshape(B, Tq, h * d)                             # (B, Tq, H)
+        return self.out(y if cls_query is not None else tokens.rows(y))
 
 
 class FeedForward(nn.Module):
@@ -194,31 +120,17 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, attn_mask, cls_only=False):                           # x: (B, T, H)
-        cls_query = x[:, :1] if cls_only else None                              # (B, 1, H)
-        if attn_mask is None or x.device.type != "cpu":
-            attended = self.attention(x, attn_mask, cls_query)                 # (B, 1 or T, H)
-            return self.after_attention(x if cls_query is None else cls_query, attended)
-        # Padding positions are never read by a real token (attention masks them out as keys),
-        # so on the CPU the layer runs on the real tokens only: the Q, K, V and output
-        # projections, the feed-forward block and the LayerNorms. With dynamic padding, GLUE
-        # batches are up to half padding. Output rows at padding are set to 0. (On a GPU the
-        # padded rows are computed: finding the real rows with nonzero() would make the host
-        # wait for the device at every layer.)
-        B, T, H = x.shape
-        real = attn_mask.reshape(B * T).nonzero().squeeze(1)                    # (N,) row ids
-        # index_select, not x[real]: the same rows, but a plain row copy instead of advanced
-        # indexing's general path, several times faster on a CPU (docs/SPEED.md, change 10).
-        x_real = x.reshape(B * T, H).index_select(0, real)                      # (N, H)
-        attended = self.attention(x_real, attn_mask, cls_query, real_rows=real)  # (N, H) or (B, 1, H)
-        if cls_only:
-            return self.after_attention(cls_query, attended)                   # (B, 1, H)
-        y = self.after_attention(x_real, attended)                             # (N, H)
-        return y.new_zeros(B * T, H).index_copy_(0, real, y).view(B, T, H)
+    def forward(self, x, attn_mask, tokens, cls_only=False):                   # x: (B, T, H)
+        rows = tokens.rows(x)                         # (B, T, H), or (N, H): real tokens alone
+        if cls_only:          # only the pooler reads this layer: [CLS] makes the only queries
+            cls = x[:, :1]                                                       # (B, 1, H)
+            return self.after_attention(cls, self.attention(rows, attn_mask, tokens, cls))
+        y = self.after_attention(rows, self.attention(rows, attn_mask, tokens))
+        return tokens.grid(y)                                                    # (B, T, H)
 
-    def after_attention(self, x, attended):                                     # (..., H) each
-        x = self.attention_norm(x + self.dropout(attended))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+    def after_attention(self, x, attended):
+        x = self.attention_norm(x + self.dropout(attended))     # a = LN(x + Dropout(Attention(x)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))     # y = LN(a + Dropout(FFN(a)))
 
 
 class Pooler(nn.Module):
@@ -286,10 +198,11 @@ class BertModel(nn.Module):
         hidden_states = [x]
         snapshot = None
         L = len(self.layers)
+        tokens = token_rows(attn_mask, x.device)        # every position, or the real tokens alone
         for b, layer in enumerate(self.layers, start=1):
             if b == self.rng_snapshot_layer and self.training:
                 snapshot = rng_state(x.device)
-            x = layer(x, attn_mask, cls_only=self.cls_only_last_layer and b == L)
+            x = layer(x, attn_mask, tokens, cls_only=self.cls_only_last_layer and b == L)
             hidden_states.append(x)
         return BertOutput(last_hidden_state=x, pooler_output=self.pooler(x),
                           hidden_states=tuple(hidden_states), attn_mask=attn_mask,
@@ -316,9 +229,9 @@ class BertModel(nn.Module):
             return self._run_layers(x_b, attn_mask, b)
 
     def _run_layers(self, x, attn_mask, b):
-        outputs = []
+        tokens, outputs = token_rows(attn_mask, x.device), []
         for layer in self.layers[b - 1:]:
-            x = layer(x, attn_mask)
+            x = layer(x, attn_mask, tokens)
             outputs.append(x)
         return outputs
 

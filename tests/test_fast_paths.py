@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bert import model as bert_model
-from bert.model import Dropout, dropout, keep_mask
+from bert.speed import Dropout, dropout, keep_mask
 import tiny
 
 # With p this small, round(p * 2^32) = 0: nothing is dropped and the scale is exactly 1, but the

@@ -39,8 +39,9 @@ def record_masks(monkeypatch):
     the model's training-mode forward calls (from 1); pass is 'clean' inside such a call and
     'noisy' outside it (a regularizer's second pass); r is the layer (1..L), 0 outside layers."""
     import bert.model as bert_model
+    import bert.speed
     drawn, where = [], {"step": 0, "pass": "noisy", "layer": 0, "index": {}}
-    keep_mask, layer_forward = bert_model.keep_mask, bert_model.Layer.forward
+    keep_mask, layer_forward = bert.speed.keep_mask, bert_model.Layer.forward
     classifier_forward = bert_model.BertClassifier.forward
 
     def recording_keep_mask(shape, p, device):
@@ -64,7 +65,7 @@ def record_masks(monkeypatch):
         finally:
             where["pass"] = "noisy"
 
-    monkeypatch.setattr(bert_model, "keep_mask", recording_keep_mask)
+    monkeypatch.setattr(bert.speed, "keep_mask", recording_keep_mask)
     monkeypatch.setattr(bert_model.Layer, "forward", tracked_layer_forward)
     monkeypatch.setattr(bert_model.BertClassifier, "forward", tracked_classifier_forward)
     return drawn
