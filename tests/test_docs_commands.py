@@ -1,4 +1,5 @@
-"""The commands in the reports (docs/RESULTS.md, docs/SIGMA_SWEEP.md) run as written from a clone.
+"""The commands in the reports (docs/RESULTS.md, docs/SIGMA_SWEEP.md, docs/LNSR_READINGS.md) and
+in README.md run as written from a clone.
 
 Training takes hours, so train.py commands are checked with --dry-run: every flag is parsed and
 validated, and every run folder the command names that is committed under results/ must hold a
@@ -19,7 +20,8 @@ import evaluate
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORTS = [ROOT / "docs" / "RESULTS.md", ROOT / "docs" / "SIGMA_SWEEP.md", ROOT / "docs" / "LNSR_READINGS.md"]
+REPORTS = [ROOT / "docs" / "RESULTS.md", ROOT / "docs" / "SIGMA_SWEEP.md", ROOT / "docs" / "LNSR_READINGS.md",
+           ROOT / "README.md"]
 # Protocols name runs before they exist: their commands must parse and every committed run must
 # match them, but runs still to come are allowed (the report of the results says which).
 PROTOCOLS = ("LNSR_READINGS.md",)
@@ -83,7 +85,7 @@ def at_repository_root(monkeypatch):
 def test_train_commands_parse_and_match_their_committed_runs(report, section, argv, at_repository_root, capsys):
     assert train.main(argv[1:] + ["--dry-run"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    output_dir = argv[argv.index("--output-dir") + 1]
+    output_dir = argv[argv.index("--output-dir") + 1] if "--output-dir" in argv else "runs"
     if output_dir.startswith("results/"):
         # A committed sweep holds every run its command names, unless the report lists the
         # command under "Still missing".
