@@ -25,6 +25,7 @@ lets the last layer compute the [CLS] position alone. None changes a value that 
 Weight names differ from Hugging Face's where a shorter name reads better; bert/weights.py maps
 between the two explicitly.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +172,17 @@ def rng_state(device):
     return torch.get_rng_state(), cuda
 
 
+@contextlib.contextmanager
+def replayed_rng(snapshot, device):
+    """Inside: the RNG as `rng_state` recorded it. After: the global RNG as it was before."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        cpu_state, cuda_state = snapshot
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+        yield
+
+
 class BertModel(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -221,11 +233,7 @@ class BertModel(nn.Module):
             raise ValueError(f"layer b={b} is outside 1..{L}")
         if rng_snapshot is None:
             return self._run_layers(x_b, attn_mask, b)
-        with torch.random.fork_rng(devices=[x_b.device] if x_b.device.type == "cuda" else []):
-            cpu_state, cuda_state = rng_snapshot
-            torch.set_rng_state(cpu_state)
-            if cuda_state is not None:
-                torch.cuda.set_rng_state(cuda_state, x_b.device)
+        with replayed_rng(rng_snapshot, x_b.device):
             return self._run_layers(x_b, attn_mask, b)
 
     def _run_layers(self, x, attn_mask, b):

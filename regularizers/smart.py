@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from bert.errors import InputError
-from bert.model import rng_state
+from bert.model import replayed_rng, rng_state
 from regularizers.base import Regularizer
 
 
@@ -124,7 +124,7 @@ class DropoutReplay:
     """Lets a second forward pass draw the dropout masks of the step's clean pass.
 
     A pre-hook on the model records the RNG state as a training forward pass starts;
-    `replay()` restores it inside `torch.random.fork_rng`, so the global RNG is back where it
+    `replay()` restores it (bert.model.replayed_rng), so the global RNG is back where it
     was afterwards and later steps see the randomness they would have seen anyway. The extra
     passes of a penalty run inside `extra_passes()`, which keeps them from overwriting the
     record: a pass with fresh masks would otherwise make every later replay use its masks.
@@ -153,11 +153,8 @@ class DropoutReplay:
         if not self.enabled or self.state is None:
             yield
             return
-        (cpu_state, cuda_state), device = self.state
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.set_rng_state(cpu_state)
-            if cuda_state is not None:
-                torch.cuda.set_rng_state(cuda_state, device)
+        snapshot, device = self.state
+        with replayed_rng(snapshot, device):
             yield
 
 
