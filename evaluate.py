@@ -26,6 +26,7 @@ import numpy as np
 
 from bert.errors import InputError, existing_folder
 from run_records import legacy_method_options, one_answer, with_legacy_settings
+from workers import describe_claim, read_claim
 
 SUBCOMMANDS = ("summarize", "boxplot", "noise-stability")
 PAPER_TASK_ORDER = ["RTE", "MRPC", "CoLA", "STS-B"]
@@ -35,7 +36,8 @@ REQUIRED_KEYS = ("task", "method", "seed", "metric", "dev")
 # of the same settings. Seeds, the device and the evaluation batch size are left out.
 RUN_SETTINGS = ("model", "epochs", "batch_size", "lr", "warmup", "weight_decay", "optimizer",
                 "max_grad_norm", "max_seq_length", "max_train_samples", "train_fraction",
-                "max_eval_samples", "precision", "allow_tf32", "dropout_stream")
+                "max_eval_samples", "precision", "allow_tf32", "dropout_stream",
+                "data_parallel_ranks")
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -64,7 +66,10 @@ def read_runs(*roots: Path):
                 reason = "see failed.json"
             problems.append(f"{run_dir}: failed ({reason})")
         elif not results.exists():
-            problems.append(f"{run_dir}: no results.json (unfinished run?)")
+            claim = read_claim(run_dir)
+            problems.append(f"{run_dir}: no results.json: " + (
+                f"{describe_claim(claim)} (training now, or its worker died: another takes it over "
+                "after --claim-timeout)" if claim else "unfinished, and nobody holds a claim on it"))
     for results in results_files:
         try:
             r = json.loads(results.read_text(encoding="utf-8"))

@@ -18,7 +18,8 @@ def format_seconds(s) -> str:
 
 
 class StatusLine:
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, quiet=False):
+        self.quiet = quiet                # shows nothing (the ranks other than 0 of one run)
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.last_print = 0.0
@@ -26,12 +27,16 @@ class StatusLine:
 
     def say(self, text: str):
         """A whole line: a phase starting, a result."""
+        if self.quiet:
+            return
         self.end()
         print(text, file=self.stream, flush=True)
 
     def status(self, text: str, force: bool = False):
         """The current state; shown now if forced, else when enough time has passed."""
         now = time.time()
+        if self.quiet:
+            return
         if not force and now - self.last_print < (TTY_INTERVAL if self.tty else LOG_INTERVAL):
             return
         self.last_print = now
@@ -61,6 +66,10 @@ class GridClock:
         self.timed = {}                      # method -> [training seconds, steps]
         self.overheads = []                  # seconds outside the training loop, per run
 
+    def skipped(self, index: int):
+        """A run another worker trains: nothing left to do here."""
+        self.plan[index] = (self.plan[index][0], 0)
+
     def finished(self, index: int, train_seconds: float, total_seconds: float):
         method, steps = self.plan[index]
         seconds_steps = self.timed.setdefault(method, [0.0, 0])
@@ -81,4 +90,4 @@ class GridClock:
         left = (steps - steps_done) * (now or rate(method))
         left += sum(n * rate(m) for m, n in self.plan[index + 1:])
         overhead = sum(self.overheads) / len(self.overheads) if self.overheads else 0.0
-        return left + overhead * (len(self.plan) - index)
+        return left + overhead * sum(1 for _, n in self.plan[index:] if n)

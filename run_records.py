@@ -1,10 +1,62 @@
-"""How the settings in a run's config.json read today, for runs made before a setting existed.
+"""Run folders on disk: writing a run's files, and reading older runs as they were made.
+
+`RunFiles` writes a run's config.json, log.jsonl, results.json (or failed.json) and
+dev_predictions.json, each whole or not at all.
 
 A setting added to train.py after runs were committed is missing from those runs' config.json.
 Each such setting is listed here with the value those runs were made with, so that resuming a
 sweep (train.py) and summarizing it (evaluate.py) read an old run as what it was, never as
 today's default.
 """
+import json
+import os
+from pathlib import Path
+
+
+def write_json(path: Path, obj):
+    """Write, then rename: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunFiles:
+    """The files of one run folder. With writes=False (ranks other than 0 of a data-parallel
+    run) every method does nothing."""
+
+    def __init__(self, run_dir: Path, writes: bool = True):
+        self.dir, self.writes, self.log_file = Path(run_dir), writes, None
+
+    def start(self, config: dict):
+        if not self.writes:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("results.json", "failed.json", "log.jsonl", "dev_predictions.json"):
+            (self.dir / stale).unlink(missing_ok=True)
+        write_json(self.dir / "config.json", config)
+        self.log_file = open(self.dir / "log.jsonl", "w", encoding="utf-8")
+
+    def log(self, record: dict):
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+
+    def close(self):
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+
+    def fail(self, reason: str, step: int | None = None):
+        self.close()
+        if self.writes:
+            write_json(self.dir / "failed.json", {"status": "failed", "step": step, "reason": reason})
+
+    def finish(self, results: dict, dev_predictions: list):
+        """dev_predictions.json first: a run is finished once results.json is there."""
+        if self.writes:
+            write_json(self.dir / "dev_predictions.json", dev_predictions)
+            write_json(self.dir / "results.json", results)
+
 
 # train.py flags added later -> the behaviour of every run made before them.
 LEGACY_SETTINGS = {
@@ -13,6 +65,8 @@ LEGACY_SETTINGS = {
     # Runs before 2026-12-02 ran on CPUs only, where TF32 does not exist, and had no such flag.
     "allow_tf32": False,
     "deterministic": False,
+    # ... and in one process each: --data-parallel came later.
+    "data_parallel_ranks": 1,
 }
 # method -> its options added later -> the behaviour before them.
 LEGACY_METHOD_OPTIONS = {

