@@ -142,4 +142,6 @@ def test_progress_in_a_log_file_from_the_first_step_and_during_evaluation(tmp_pa
     assert "all runs done in about" in lines[first]
     assert any("evaluating the dev set: batch 1/1" in line for line in lines[first:])
     assert any("evaluating the training set: batch 1/1" in line for line in lines[first:])
-    assert "[collapsed" in lines[-1] or "trained on 24 of 2490 examples" in lines[-1]
+    summary = next(line for line in lines if line.startswith("  dev acc = "))
+    assert "trained on 24 of 2490 examples; scored on 16 of 277 dev examples" in summary
+    assert lines[-1].endswith("trained 1 run(s): RTE ft seed 1")
