@@ -194,11 +194,17 @@ def test_data_parallel_on_two_processes_is_one_process_without_dropout(tmp_path,
     assert config["settings"]["data_parallel_ranks"] == 2
 
 
-def test_data_parallel_with_dropout_keeps_lnsr_sigma_zero_at_zero(tmp_path):
-    done = torchrun(2, tmp_path, "--model", "minilm-l6", "--method", "lnsr", "--lnsr-sigma", "0",
-                    "--seed", "1", "--data-parallel")
+def test_data_parallel_with_dropout_runs_every_method_and_keeps_lnsr_sigma_zero_at_zero(tmp_path):
+    methods = "lnsr,l2sp,mixout,smart,noise,r3f"
+    done = torchrun(2, tmp_path, "--model", "minilm-l6", "--methods", methods, "--lnsr-sigma", "0",
+                    "--seed", "1", "--data-parallel", "--max-train-samples", "12")
     _, log, _ = results_of(tmp_path, "lnsr/seed1")
-    assert [penalty for _, _, penalty in log] == [0.0, 0.0] and "trained 1 run(s)" in done.stderr
+    assert [penalty for _, _, penalty in log] == [0.0, 0.0]         # replayed masks on each rank
+    assert "trained 6 run(s)" in done.stderr
+    for m in methods.split(",")[1:]:
+        results, log, predictions = results_of(tmp_path, f"{m}/seed1")
+        assert len(log) == 2 and len(predictions) == results["n_dev"] == 16
+        assert all(penalty > 0 for _, _, penalty in log) or m in ("mixout", "noise"), m
 
 
 def test_data_parallel_outside_torchrun_is_a_one_line_error(tmp_path):
