@@ -24,6 +24,7 @@ class StatusLine:
         self.tty = self.stream.isatty()
         self.last_print = 0.0
         self.open = False            # a status line is on the terminal, not yet ended
+        self.width = 0               # its length, so that a shorter one covers it whole
 
     def say(self, text: str):
         """A whole line: a phase starting, a result."""
@@ -34,22 +35,23 @@ class StatusLine:
 
     def status(self, text: str, force: bool = False):
         """The current state; shown now if forced, else when enough time has passed."""
-        now = time.time()
         if self.quiet:
             return
+        now = time.time()
         if not force and now - self.last_print < (TTY_INTERVAL if self.tty else LOG_INTERVAL):
             return
         self.last_print = now
         if self.tty:
-            print("\r" + text[:160].ljust(min(len(text), 160) + 2), end="", file=self.stream, flush=True)
-            self.open = True
+            text = text[:160]
+            print("\r" + text.ljust(self.width), end="", file=self.stream, flush=True)
+            self.open, self.width = True, len(text)
         else:
             print(text, file=self.stream, flush=True)
 
     def end(self):
         if self.open:
             print(file=self.stream, flush=True)
-            self.open = False
+            self.open, self.width = False, 0
 
 
 class GridClock:
