@@ -94,6 +94,7 @@ def read_runs(*roots: Path):
             problems.append(f"{results}: the same task, method, options and seed as {seen[key]}; not counted twice")
             continue
         seen[key] = results.parent
+        r["_dir"] = str(results.parent)
         runs.append(r)
     return runs, problems
 
@@ -195,6 +196,7 @@ def summarize(runs, baseline="ft"):
             row["seeds"] = [r["seed"] for r in rs]
             row["values"] = values                               # in seed order, for --per-run
             row["train_seconds"] = [r.get("train_seconds") for r in rs]
+            row["run_dirs"] = [r.get("_dir") for r in rs]
             row["p_vs_" + baseline] = welch_p(values, base) if label != base_label else None
             if base_label and label != base_label:
                 row["paired_vs_" + baseline] = paired_comparison(
@@ -301,6 +303,33 @@ def per_run_markdown(table):
     return "\n".join(lines)
 
 
+def log_ends(run_dir) -> tuple | None:
+    """(loss, penalty) of the first and of the last line of a run's log.jsonl, or None."""
+    try:
+        lines = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
+        first, last = lines[0], lines[-1]
+        return (first["loss"], first["penalty"]), (last["loss"], last["penalty"]), (first["step"], last["step"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def losses_markdown(table):
+    """The penalty's size against the task loss at the start and the end of training: the
+    first and last log.jsonl lines (each a mean over --log-every steps), averaged over seeds."""
+    lines = ["| task | method | runs | first logged step: loss | penalty | penalty / loss | "
+             "last logged step: loss | penalty | penalty / loss |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in task_order(table):
+        for m in method_order(table[t]):
+            ends = [e for e in map(log_ends, table[t][m].get("run_dirs") or []) if e]
+            if not ends:
+                continue
+            (l0, p0), (l1, p1) = ([float(np.mean([e[i][j] for e in ends])) for j in (0, 1)] for i in (0, 1))
+            ratio = lambda p, l: f"{p / l:.3g}" if l else "-"
+            lines.append(f"| {t} | {m}{flags(table[t][m])} | {len(ends)} | {l0:.4f} | {p0:.4g} | {ratio(p0, l0)} | "
+                         f"{l1:.4f} | {p1:.4g} | {ratio(p1, l1)} |")
+    return "\n".join(lines)
+
+
 def cmd_summarize(argv):
     p = argparse.ArgumentParser(prog="evaluate.py summarize",
                                 description="Mean, std, median, min, max and Welch p-values over seeds.")
@@ -309,6 +338,9 @@ def cmd_summarize(argv):
     p.add_argument("--baseline", default="ft", help="method the p-values compare against")
     p.add_argument("--per-run", action="store_true",
                    help="also list every run: its dev score, seed, and training time (results.json)")
+    p.add_argument("--losses", action="store_true",
+                   help="also the task loss and the penalty at the first and last logged step (log.jsonl), "
+                        "averaged over seeds: how strong a regularizer is next to the loss it is added to")
     args = p.parse_args(argv)
     runs, problems = read_runs(*map(Path, args.dir))
     for line in problems:
@@ -326,6 +358,9 @@ def cmd_summarize(argv):
         if args.per_run:
             print()
             print(per_run_markdown(table))
+        if args.losses:
+            print()
+            print(losses_markdown(table))
     return 0
 
 

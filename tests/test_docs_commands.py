@@ -108,9 +108,9 @@ def test_every_summary_row_in_a_report_is_printed_by_its_summarize_commands(repo
     printed = {line.strip() for out in summarize_outputs(report, capsys) for line in out.splitlines()}
     rows = [line.strip() for line in report.read_text(encoding="utf-8").splitlines()
             if line.startswith(tuple(f"| {t} |" for t in TASKS))]
-    # Rows of the summary (10 cells) and of --per-run (6 cells); hand-made comparison tables
-    # (other shapes) are not summarize output.
-    checked = [r for r in rows if r.count("|") - 1 in (6, 10)]
+    # Rows of the summary (10 cells), its paired and --losses tables (9 cells) and of --per-run
+    # (6 cells); hand-made comparison tables (other shapes) are not summarize output.
+    checked = [r for r in rows if r.count("|") - 1 in (6, 9, 10)]
     assert checked or report.name != "RESULTS.md", f"{report.name}: no summarize rows found"
     missing = [r for r in checked if r not in printed]
     assert not missing, f"{report.name}: rows that no summarize command prints now:\n" + "\n".join(missing)

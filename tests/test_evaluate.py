@@ -206,3 +206,18 @@ def test_paired_comparison_edge_cases():
     assert same["mean_diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["p"] is None and same["wins"] == 0
     none = evaluate.paired_comparison({1: 50.0}, {2: 40.0})
     assert none["n"] == 0 and none["mean_diff"] is None
+
+
+def test_losses_table_gives_first_and_last_logged_loss_and_penalty(tmp_path, capsys):
+    make_runs(tmp_path, ft=FT[:2], lnsr=LNSR[:2])
+    logs = {("lnsr", 1): [(0.70, 0.20), (0.60, 0.05), (0.50, 0.04)], ("lnsr", 2): [(0.68, 0.10), (0.40, 0.02)],
+            ("ft", 1): [(0.69, 0.0), (0.30, 0.0)]}                  # ft seed 2 has no log: left out
+    for (method, seed), lines in logs.items():
+        (tmp_path / "RTE" / method / f"seed{seed}" / "log.jsonl").write_text("".join(
+            json.dumps({"step": 20 * (i + 1), "loss": loss, "penalty": penalty}) + "\n"
+            for i, (loss, penalty) in enumerate(lines)))
+    assert evaluate.main(["summarize", str(tmp_path), "--losses"]) == 0
+    rows = {line.split(" | ")[1]: line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| RTE |") and line.count("|") == 10}
+    assert rows["lnsr"] == "| RTE | lnsr | 2 | 0.6900 | 0.15 | 0.217 | 0.4500 | 0.03 | 0.0667 |"
+    assert rows["ft"] == "| RTE | ft | 1 | 0.6900 | 0 | 0 | 0.3000 | 0 | 0 |"
