@@ -152,8 +152,9 @@ def build_parser():
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--max-seq-length", type=int, default=128, help="truncate inputs to this many tokens")
     p.add_argument("--data-dir", default=None,
-                   help="GLUE data folder with <Task>/train.tsv etc. (default: $GLUE_DIR or data/glue; "
-                        "missing tasks are downloaded)")
+                   help="an existing GLUE data folder with <Task>/train.tsv etc.; a task missing there is "
+                        "downloaded into it. Default: $GLUE_DIR, else data/glue (made when a download "
+                        "succeeds)")
     p.add_argument("--output-dir", default="runs", help="where run folders are written")
     p.add_argument("--save-model", action="store_true",
                    help="save the fine-tuned model (HF layout) in <run>/model for evaluate.py")
