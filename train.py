@@ -791,14 +791,14 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         keep_freed_memory()
         runs = [(m, folder, method_args, s) for m, folder, method_args in methods for s in seeds]
-        todo = []
-        for m, folder, method_args, s in runs:
+        todo = []                                 # indices into runs
+        for i, (m, folder, method_args, s) in enumerate(runs):
             run_dir = Path(args.output_dir) / spec.name / folder / f"seed{s}"
             finished = (run_dir / "results.json").exists()
             if finished:
                 check_finished_run(run_dir, run_settings(method_args, spec, m, s))
             else:
-                todo.append((m, folder, method_args, s))
+                todo.append(i)
             if args.dry_run:
                 held = None if finished else read_claim(run_dir)
                 print(f"{run_dir}: " + ("finished, same settings" if finished else
@@ -806,9 +806,13 @@ def main(argv=None):
         if args.dry_run:
             print(f"{len(runs)} runs, {len(todo)} to run (dry run: nothing was trained)", file=sys.stderr)
             return 0
+        # Ranks of one data-parallel run follow rank 0's list: a run another worker finishes
+        # while they look must not put them out of step.
+        todo = [runs[i] for i in ranks.decide(todo)]
         if len(todo) < len(runs):
             status.say(f"{len(runs) - len(todo)} of {len(runs)} runs already have results.json: skipped")
         if not todo:
+            ranks.close()
             return 0
         data = load_data(args, spec, device, status, argv)
         for m in {m for m, *_ in todo}:           # options that do not fit this model: before any run
