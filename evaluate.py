@@ -239,7 +239,10 @@ def flags(row) -> str:
 def markdown(table, baseline="ft"):
     tasks = task_order(table)
     methods = method_order({m for t in tasks for m in table[t]})
-    marked = {m: "".join(sorted({flags(table[t][m]) for t in tasks if m in table[t]})) for m in methods}
+    # One label per method across the tasks: partial anywhere, collapsed runs counted over all.
+    merged = lambda rows: {"partial": any(r["partial"] for r in rows), "n": sum(r["n"] for r in rows),
+                           "collapsed": sum(r.get("collapsed", 0) for r in rows)}
+    marked = {m: flags(merged([table[t][m] for t in tasks if m in table[t]])) for m in methods}
     lines = ["| method | " + " | ".join(f"{t} mean | {t} std | {t} max" for t in tasks) + " |",
              "|---|" + "---:|" * (3 * len(tasks))]
     for m in methods:

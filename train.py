@@ -706,13 +706,16 @@ def check_args(args):
 class Reporter:
     """A run's status line: its place in the grid, its phase, and the time left for it all."""
 
-    def __init__(self, status, clock, index, label):
+    def __init__(self, status, clock, index, label, claim=None):
         self.status, self.clock, self.index, self.label = status, clock, index, label
+        self.claim = claim                   # this worker's claim on the run, if it holds one
         self.start = time.time()
         self.train_seconds = 0.0
         self.steps = 0
 
     def __call__(self, phase, done, total, logged):
+        if self.claim is not None and self.claim.lost:
+            raise RunAbandoned("another worker took it over; this worker writes nothing more to it")
         elapsed = time.time() - self.start
         if phase == "train":
             self.train_seconds, self.steps = elapsed, done
@@ -729,6 +732,63 @@ class Reporter:
     def finished(self, train_seconds):
         self.status.end()
         self.clock.finished(self.index, train_seconds, time.time() - self.start)
+
+
+class RunAbandoned(Exception):
+    """Another worker took this run over (this one stalled past --claim-timeout)."""
+
+
+class Grid:
+    """The runs of one command, each claimed, trained or skipped by `train_or_skip`."""
+
+    def __init__(self, args, spec, data, todo, ranks, status, clock, started):
+        self.args, self.spec, self.data, self.todo = args, spec, data, todo
+        self.ranks, self.status, self.clock, self.started = ranks, status, clock, started
+        self.trained, self.failed, self.others = [], 0, 0
+
+    def train_or_skip(self, i) -> str:
+        """"trained", "failed", "done" (by another worker) or "held" (by a live one)."""
+        method_name, folder, method_args, seed = self.todo[i]
+        run_dir = Path(self.args.output_dir) / self.spec.name / folder / f"seed{seed}"
+        name = f"{self.spec.name} {folder} seed {seed}"
+        # Claim the run before training it (workers.py): other copies of this command skip it.
+        claim = claim_run(run_dir, self.args.claim_timeout, self.started) if self.ranks.is_main else None
+        why_not = self.ranks.decide(None if isinstance(claim, Claim) else claim)
+        if why_not is not None:
+            held = why_not.startswith("claimed")
+            if not held:
+                self.status.say(f"skipped {name}: {why_not}")
+                self.clock.skipped(i)
+                self.others += 1
+            return "held" if held else "done"
+        self.status.say(f"run {i + 1}/{len(self.todo)}: {name} -> {run_dir}")
+        # One process abandons a run it lost at its next step; the ranks of a data-parallel run
+        # would have to agree on that at every step, so they keep going (only a stall past
+        # --claim-timeout loses a claim).
+        mine = claim if isinstance(claim, Claim) and self.ranks.world == 1 else None
+        report = Reporter(self.status, self.clock, i, f"[{name}]", mine)
+        try:
+            r = train_one(method_args, self.spec, method_name, seed, self.data, run_dir, report, self.ranks)
+        except RunFailed as e:
+            self.status.say(f"run failed: {e}")
+            self.failed += 1
+            return "failed"
+        except RunAbandoned as e:
+            self.status.say(f"abandoned {name}: {e}")
+            return "done"
+        except Exception as e:                # a bug or the machine (out of memory): on record
+            self.status.end()
+            if self.ranks.is_main:
+                write_json(run_dir / "failed.json", {"status": "failed", "reason": f"{type(e).__name__}: {e}"})
+            raise
+        finally:
+            if isinstance(claim, Claim):
+                claim.release()
+        self.trained.append(name)
+        if r is not None:
+            report.finished(r["train_seconds"])
+            self.status.say(run_summary(r, self.data))
+        return "trained"
 
 
 def run_summary(r, data) -> str:
@@ -771,7 +831,9 @@ def main(argv=None):
             raise InputError("--data-parallel needs --dropout-stream step (each rank seeds its own "
                              "dropout at every step)")
         ranks = DataParallel(device) if args.data_parallel and not args.dry_run else SingleProcess()
-        args.data_parallel_ranks = ranks.world
+        # A dry run starts no process group; it still checks finished runs against the world size.
+        args.data_parallel_ranks = (int(os.environ.get("WORLD_SIZE", 1)) if args.data_parallel and args.dry_run
+                                    else ranks.world)
         if not ranks.is_main:
             status = StatusLine(quiet=True)           # rank 0 speaks for the run
         if args.model is None:
@@ -814,47 +876,31 @@ def main(argv=None):
         if not todo:
             ranks.close()
             return 0
+        if not ranks.is_main:                     # rank 0 downloads what is missing, then the rest read
+            ranks.barrier()
         data = load_data(args, spec, device, status, argv)
+        if ranks.is_main:
+            ranks.barrier()
         for m in {m for m, *_ in todo}:           # options that do not fit this model: before any run
             method_cls, options = method_options(m, args)
             method_cls(options).check(data.pretrained.config)
         clock = GridClock([(m, planned_steps(a, len(data.train.input_ids))) for m, _, a, _ in todo])
-        failed, trained, others = 0, [], 0
-        for i, (method_name, folder, method_args, seed) in enumerate(todo):
-            run_dir = Path(args.output_dir) / spec.name / folder / f"seed{seed}"
-            name = f"{spec.name} {folder} seed {seed}"
-            # Claim the run before training it (workers.py): other copies of this command skip it.
-            claim = claim_run(run_dir, args.claim_timeout) if ranks.is_main else None
-            why_not = ranks.decide(None if isinstance(claim, Claim) else claim)
-            if why_not is not None:
-                status.say(f"skipped {name}: {why_not}")
-                clock.skipped(i)
-                others += 1
-                continue
-            status.say(f"run {i + 1}/{len(todo)}: {name} -> {run_dir}")
-            report = Reporter(status, clock, i, f"[{name}]")
-            try:
-                r = train_one(method_args, spec, method_name, seed, data, run_dir, report, ranks)
-            except RunFailed as e:
-                status.say(f"run failed: {e}")
-                failed += 1
-                continue
-            except Exception as e:                # a bug or the machine (out of memory): on record
-                status.end()
-                if ranks.is_main:
-                    write_json(run_dir / "failed.json", {"status": "failed", "reason": f"{type(e).__name__}: {e}"})
-                raise
-            finally:
-                if isinstance(claim, Claim):
-                    claim.release()
-            trained.append(name)
-            if r is not None:
-                report.finished(r["train_seconds"])
-                status.say(run_summary(r, data))
+        grid = Grid(args, spec, data, todo, ranks, status, clock, started=time.time())
+        pending = list(range(len(todo)))
+        while pending:
+            # Runs that live workers hold are visited again until they are finished, or taken
+            # over here if their worker dies (workers.py), so that no run is left untrained.
+            pending = [i for i in pending if grid.train_or_skip(i) == "held"]
+            if pending:
+                status.status(f"waiting for {len(pending)} run(s) that other workers hold", force=True)
+                time.sleep(min(5.0, args.claim_timeout / 5))
+        status.end()
         if ranks.is_main:
-            status.say(f"{worker_name()} trained {len(trained)} run(s)" + (f": {', '.join(trained)}" if trained else "")
-                       + (f"; {others} claimed or finished by other workers" if others else ""))
+            status.say(f"{worker_name()} trained {len(grid.trained)} run(s)"
+                       + (f": {', '.join(grid.trained)}" if grid.trained else "")
+                       + (f"; {grid.others} finished or failed by other workers" if grid.others else ""))
         ranks.close()
+        failed = grid.failed
         return 1 if failed else 0
     except InputError as e:
         status.end()

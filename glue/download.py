@@ -208,8 +208,12 @@ def _extract_task_folder(archive: Path, into: Path, spec) -> Path:
 def _move_into_place(built: Path, folder: Path) -> None:
     """Rename the finished folder into place; into an existing folder, add only what is missing."""
     if not folder.exists():
-        built.replace(folder)
-        return
+        try:
+            built.replace(folder)
+            return
+        except OSError:                  # another process moved its copy in first: merge below
+            if not folder.is_dir():
+                raise
     for item in built.iterdir():
         if not (folder / item.name).exists():
             item.replace(folder / item.name)

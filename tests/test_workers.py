@@ -102,15 +102,14 @@ def test_a_killed_worker_s_run_is_taken_over_after_the_claim_timeout(tmp_path, s
     # Half-written runs count nowhere: summarize lists the claim and counts no run.
     runs, problems = evaluate.read_runs(out)
     assert runs == [] and any("claimed by another-machine:1" in p for p in problems)
-    # Within the timeout the run is not taken.
+    # Within the timeout the run is not taken: the worker waits for it, and when the heartbeat
+    # is older than the timeout it takes the run over and finishes it, as a serial run would.
     claim["heartbeat"] = time.time()
     (run_dir / "claim.json").write_text(json.dumps(claim))
-    early = run_serial(out, *longer)
-    assert "skipped RTE lnsr seed 1: claimed by another-machine:1" in early.stderr
-    # After it, the run is taken over and finished, as a serial run would have made it.
-    time.sleep(3.5)
+    start = time.time()
     late = run_serial(out, *longer)
-    assert trained_by(late.stderr) == ["RTE lnsr seed 1"]
+    assert "waiting for 1 run(s) that other workers hold" in late.stderr
+    assert time.time() - start > 3 and trained_by(late.stderr) == ["RTE lnsr seed 1"]
     assert results_of(out, "lnsr/seed1") == results_of(serial, "lnsr/seed1")
     assert not (run_dir / "claim.json").exists() and not list(run_dir.glob("claim.json.*"))
 
@@ -179,7 +178,8 @@ def no_dropout_model(tmp_path_factory):
     return folder
 
 
-def test_data_parallel_on_two_processes_is_one_process_without_dropout(tmp_path, no_dropout_model):
+def test_data_parallel_on_two_processes_is_one_process_without_dropout(tmp_path, no_dropout_model, monkeypatch,
+                                                                       capsys):
     grid = ["--model", str(no_dropout_model), "--methods", "ft,lnsr", "--lnsr-sigma", "0", "--seed", "1",
             "--max-train-samples", "20"]                     # 20 = 8 + 8 + 4: the last batch uneven too
     run_serial(tmp_path / "one", *grid)
@@ -192,6 +192,11 @@ def test_data_parallel_on_two_processes_is_one_process_without_dropout(tmp_path,
         assert one[2] == two[2]                                 # the same dev predictions
     config = json.loads((tmp_path / "two" / "RTE" / "ft" / "seed1" / "config.json").read_text())
     assert config["settings"]["data_parallel_ranks"] == 2
+    # A dry run of the same command under torchrun's world size finds them finished.
+    import train
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.main(TINY + grid + ["--output-dir", str(tmp_path / "two"), "--data-parallel", "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("finished, same settings") == 2
 
 
 def test_data_parallel_with_dropout_runs_every_method_and_keeps_lnsr_sigma_zero_at_zero(tmp_path):
@@ -213,3 +218,48 @@ def test_data_parallel_outside_torchrun_is_a_one_line_error(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: --data-parallel: start")
     assert not (tmp_path / "x").exists()
+
+
+def test_two_workers_judging_one_dead_claim_never_both_hold_the_run(tmp_path):
+    """The race of a take-over: both workers find the same dead claim; the first moves it aside
+    and claims the run; the second, moving what is there now, finds the live claim and puts it
+    back instead of taking it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead = {"worker": "gone", "host": "another-machine", "pid": 1, "heartbeat": 0.0, "nonce": "dead"}
+    (run_dir / "claim.json").write_text(json.dumps(dead))
+    first = workers.claim_run(run_dir, timeout=10)
+    assert isinstance(first, workers.Claim)
+    # The second worker read the dead claim before the first replaced it: replay its rename.
+    real_read = workers.read_claim
+    workers.read_claim = lambda d: dead                     # what it saw a moment ago
+    try:
+        second = workers.claim_run(run_dir, timeout=10)
+    finally:
+        workers.read_claim = real_read
+    assert not isinstance(second, workers.Claim)
+    assert first.owned() and json.loads((run_dir / "claim.json").read_text())["nonce"] == first.record["nonce"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["claim.json"]     # nothing left aside
+    first.release()
+
+
+def test_a_worker_that_lost_its_claim_stops_its_heartbeat_and_leaves_the_new_claim(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    claim = workers.claim_run(run_dir, timeout=2.5)          # heartbeat every 0.5 s
+    other = {**claim.record, "worker": "the new owner", "nonce": "new", "heartbeat": time.time()}
+    (run_dir / "claim.json").write_text(json.dumps(other))  # taken over while this one stalled
+    time.sleep(1.2)
+    assert claim.lost
+    claim.release()
+    assert json.loads((run_dir / "claim.json").read_text())["nonce"] == "new"
+
+
+def test_a_run_that_failed_in_this_sweep_is_not_retried_but_an_older_failure_is(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "failed.json").write_text("{}")
+    assert workers.claim_run(run_dir, 60, since=time.time() - 60).startswith("failed in this sweep")
+    retry = workers.claim_run(run_dir, 60, since=time.time() + 60)
+    assert isinstance(retry, workers.Claim)
+    retry.release()
