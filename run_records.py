@@ -15,7 +15,7 @@ from pathlib import Path
 
 def write_json(path: Path, obj):
     """Write, then rename: a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # one per process: never shared
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 

@@ -378,7 +378,8 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     """Fine-tune one model; write config.json, log.jsonl and results.json into run_dir.
 
     report(phase, done, total, logged) is called at every training step ("train"), before every
-    evaluation batch ("dev", "training"), with the last logged loss, penalty and lr. `ranks` is
+    evaluation batch ("dev", "training") and before the files are written ("write"), with the last
+    logged loss, penalty and lr. `ranks` is
     workers.SingleProcess, or workers.DataParallel when all torchrun ranks train this run: then
     each rank trains on its share of every batch, and rank 0 alone evaluates and writes."""
     from bert.model import BertClassifier
@@ -489,6 +490,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
         train_predictions = predict(model, train, args.eval_batch_size, device, settings["precision"],
                                     on_batch=lambda i, n: report("training", i, n, logged))
         results["train"] = glue.compute_metrics(spec.name, train_predictions, train.labels)
+    report("write", 0, 1, logged)           # last check that this worker still holds the run
     if args.save_model:
         model.save_pretrained(run_dir / "model", tokenizer=data.tokenizer, label_names=spec.label_names)
     files.finish(results, dev_predictions)
@@ -714,8 +716,12 @@ class Reporter:
         self.steps = 0
 
     def __call__(self, phase, done, total, logged):
-        if self.claim is not None and self.claim.lost:
-            raise RunAbandoned("another worker took it over; this worker writes nothing more to it")
+        if self.claim is not None:
+            self.claim.progress()            # the heartbeat goes on only while the run moves
+            if self.claim.lost or (phase == "write" and not self.claim.owned()):
+                raise RunAbandoned("another worker took it over; this worker writes nothing more to it")
+        if phase == "write":
+            return
         elapsed = time.time() - self.start
         if phase == "train":
             self.train_seconds, self.steps = elapsed, done
@@ -775,7 +781,7 @@ class Grid:
             return "failed"
         except RunAbandoned as e:
             self.status.say(f"abandoned {name}: {e}")
-            return "done"
+            return "held"                    # visited again until its new owner finishes it
         except Exception as e:                # a bug or the machine (out of memory): on record
             self.status.end()
             if self.ranks.is_main:

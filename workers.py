@@ -8,26 +8,25 @@ its grid through the `--output-dir` they all see: copies started by hand, the ra
 `torchrun --nproc_per_node=8`, the tasks of `srun`, or the tasks of a SLURM job array. They
 need no connection to one another. Before a worker trains a run, it claims the run:
 
-- *claim*: it writes its record (host, pid, start time, a heartbeat and a random nonce) to a
-  file of its own and hard-links that file to `<run>/claim.json`. The link is atomic and fails
-  if claim.json exists, on a local disk and on NFS, so exactly one worker succeeds, and no
-  reader ever sees a half-written claim.
-- *heartbeat*: while the run trains, a thread rewrites the heartbeat every
-  `--claim-timeout / 5` seconds, after checking that the claim still carries its nonce. If
-  another worker took the run over (this one stalled past the timeout), the run is abandoned
-  and writes nothing more.
-- *release*: when the run ends, with results.json or failed.json written, claim.json is
-  deleted, if it is still this worker's.
-- *skip*: a run with results.json is finished. A run whose claim has a heartbeat younger than
-  `--claim-timeout` belongs to a live worker; the worker comes back to it after its own list,
-  and waits until it is finished or taken over. A run that failed (failed.json) since the
-  worker started is not retried by it; running the command again retries it.
-- *take over*: a claim with an older heartbeat, or a claim from a pid that no longer runs on
-  this host, belongs to a worker that died (killed, pre-empted, or its machine gone). A worker
-  renames that claim aside (os.rename is atomic: one worker moves it) and checks that what it
-  moved carries the dead claim's nonce. If it does not, another worker had just taken the run
-  over; the claim is linked back and the run left alone. Otherwise it claims the run as above,
-  and the run starts from scratch.
+- *claim*: it creates `<run>/claim.1.json`, holding its host, pid, start time and a random
+  nonce. The file is written whole under a name of its own and then hard-linked into place;
+  the link is atomic and fails if the file exists, on a local disk and on NFS. So exactly one
+  worker succeeds, and no reader ever sees a half-written claim.
+- *heartbeat*: while the run makes progress, a thread touches the claim file (its mtime is the
+  heartbeat) every `--claim-timeout / 5` seconds. A worker whose run stops moving (hung in a
+  collective, say) stops beating.
+- *release*: when the run ends, with results.json or failed.json written, the worker deletes
+  its own claim file.
+- *skip*: a run with results.json is finished. A run whose newest claim has a heartbeat
+  younger than `--claim-timeout` belongs to a live worker. The worker comes back to it after its
+  own list, and waits until it is finished or taken over. A run that failed (failed.json) since
+  the worker started is not retried by it; running the command again retries it.
+- *take over*: a claim with an older heartbeat, or one whose pid no longer runs on this machine,
+  belongs to a worker that died (killed, pre-empted, or its machine gone). Taking over means
+  creating the next generation, `claim.<n+1>.json`, in the same exclusive way, so of several
+  workers that judge one claim dead exactly one wins. The winner deletes the older
+  generations, and the run starts from scratch. A worker that was only stalled finds a newer
+  generation at its next heartbeat, abandons the run and writes nothing more to it.
 
 Heartbeats are wall-clock times written by one host and read by others, so the hosts' clocks
 must agree to well within `--claim-timeout` (NTP keeps them within milliseconds). A run's result
@@ -56,7 +55,6 @@ import time
 import uuid
 from pathlib import Path
 
-CLAIM = "claim.json"
 
 
 # ----------------------------------------------------------------------------- who we are
@@ -82,12 +80,45 @@ def worker_name() -> str:
 
 # ----------------------------------------------------------------------------- claims
 
-def read_claim(run_dir: Path) -> dict | None:
+def machine_id() -> str:
+    """The host, its boot and this process's pid namespace: pids mean the same thing only where
+    all three agree (two containers can share a host name, not their pids)."""
     try:
-        claim = json.loads((run_dir / CLAIM).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return claim if isinstance(claim, dict) else None
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pid_namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, pid_namespace = "?", "?"
+    return f"{socket.gethostname()}/{boot}/{pid_namespace}"
+
+
+def claim_files(run_dir: Path) -> list:
+    """[(generation, path)] of the run's claim files, oldest first."""
+    found = []
+    try:
+        for path in Path(run_dir).glob("claim.*.json"):
+            middle = path.name[len("claim."):-len(".json")]
+            if middle.isdigit():
+                found.append((int(middle), path))
+    except OSError:
+        return []
+    return sorted(found)
+
+
+def read_claim(run_dir: Path) -> dict | None:
+    """The run's current claim, the newest generation: its record, with `generation`, and
+    `heartbeat`, the time its file was last touched."""
+    for generation, path in reversed(claim_files(run_dir)):
+        try:
+            heartbeat = path.stat().st_mtime
+        except OSError:                      # deleted a moment ago: look at the one before
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        record = record if isinstance(record, dict) else {}
+        return {**record, "generation": generation, "heartbeat": heartbeat}
+    return None
 
 
 def claim_age(claim: dict) -> float:
@@ -102,7 +133,7 @@ def is_stale(claim: dict, timeout: float) -> bool:
     """A claim whose worker is gone: no heartbeat for `timeout` seconds, or a dead pid here."""
     if claim_age(claim) > timeout:
         return True
-    if claim.get("host") == socket.gethostname():
+    if claim.get("machine") == machine_id():
         try:
             os.kill(int(claim["pid"]), 0)
         except ProcessLookupError:
@@ -132,95 +163,80 @@ def write_new(path: Path, record: dict) -> bool:
 
 
 class Claim:
-    """A run this worker holds. Its heartbeat thread runs until `release`; `lost` turns true if
-    another worker took the run over (this one stalled past the timeout)."""
+    """A run this worker holds, as claim.<generation>.json. Its heartbeat thread touches that
+    file until `release`, as long as the run makes progress (`progress()`, called at every
+    step); `lost` turns true if a newer generation took the run over."""
 
-    def __init__(self, run_dir: Path, record: dict, interval: float):
-        self.path, self.record, self.lost = run_dir / CLAIM, record, False
+    def __init__(self, run_dir: Path, generation: int, interval: float, timeout: float):
+        self.dir, self.generation = Path(run_dir), generation
+        self.path = self.dir / f"claim.{generation}.json"
+        self.lost, self.timeout, self.last_progress = False, timeout, time.time()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.beat, args=(interval,), daemon=True)
         self.thread.start()
 
+    def progress(self):
+        self.last_progress = time.time()
+
     def owned(self) -> bool:
-        held = read_claim(self.path.parent)
-        return held is not None and held.get("nonce") == self.record["nonce"]
+        """No newer claim, and ours still there (a listing that fails proves nothing)."""
+        files = claim_files(self.dir)
+        if not files:
+            return self.path.exists()
+        return files[-1][0] == self.generation
 
     def beat(self, interval):
         while not self.stop.wait(interval):
-            if not self.owned():
-                if (self.path.parent / CLAIM).exists():      # someone else's now
+            try:
+                if not self.owned():
                     self.lost = True
                     return
-                continue                     # unreadable for a moment (NFS): try again
-            self.record["heartbeat"] = time.time()
-            tmp = self.path.with_name(f"{CLAIM}.{self.record['nonce']}.beat")
-            try:
-                tmp.write_text(json.dumps(self.record), encoding="utf-8")
-                os.replace(tmp, self.path)
-            except OSError:                  # a transient error: the next beat tries again
-                tmp.unlink(missing_ok=True)
+                # A worker whose run stopped moving (hung in a collective, a dead data loader)
+                # stops beating, so that another worker takes the run over.
+                if time.time() - self.last_progress < self.timeout:
+                    os.utime(self.path)
+            except Exception:                # the next beat tries again (ESTALE, EACCES, ...)
+                pass
 
     def release(self):
         self.stop.set()
         self.thread.join()
-        if self.owned():                     # never delete another worker's claim
-            self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)   # our own generation only: never another's claim
 
 
 def claim_run(run_dir: Path, timeout: float, since: float = 0.0) -> Claim | str:
     """Claim the run in run_dir for this worker, or say why not: finished, failed during this
     sweep (a failed.json newer than `since`, the time this worker started), or held by a live
-    worker."""
+    worker ("claimed by ...")."""
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for _ in range(5):
         if (run_dir / "results.json").exists():
             return "finished"
-        failed = run_dir / "failed.json"
-        if failed.exists() and failed.stat().st_mtime >= since:
-            return "failed in this sweep (failed.json); run the command again to retry it"
-        now = time.time()
-        record = {"worker": worker_name(), "host": socket.gethostname(), "pid": os.getpid(),
-                  "started": now, "heartbeat": now, "nonce": uuid.uuid4().hex}
-        if write_new(run_dir / CLAIM, record):
-            if (run_dir / "results.json").exists():  # finished between our check and the claim
-                (run_dir / CLAIM).unlink(missing_ok=True)
-                return "finished"
-            return Claim(run_dir, record, interval=max(0.5, timeout / 5))
-        held = read_claim(run_dir)
-        if held is None:                     # unreadable: stale only once its file is old
-            try:
-                if time.time() - (run_dir / CLAIM).stat().st_mtime <= timeout:
-                    return "claimed by another worker (its claim is being written)"
-            except FileNotFoundError:
-                continue
-        elif not is_stale(held, timeout):
-            return describe_claim(held)
-        # Its worker is gone. Move the claim aside; if what was moved is not the claim judged
-        # dead (another worker took the run over meanwhile), put it back and leave the run.
-        aside = run_dir / f"{CLAIM}.{record['nonce']}.stale"
         try:
-            os.rename(run_dir / CLAIM, aside)
+            if (run_dir / "failed.json").stat().st_mtime >= since:
+                return "failed in this sweep (failed.json); run the command again to retry it"
         except FileNotFoundError:
-            continue
-        moved = read_claim_file(aside)
-        if held is not None and (moved is None or moved.get("nonce") != held.get("nonce")):
-            try:
-                os.link(aside, run_dir / CLAIM)
-            except FileExistsError:
-                pass
-            aside.unlink(missing_ok=True)
-            return describe_claim(moved) if moved else "claimed by another worker"
-        aside.unlink(missing_ok=True)
-    held = read_claim(run_dir)
-    return describe_claim(held) if held else "claimed by another worker"
-
-
-def read_claim_file(path: Path) -> dict | None:
-    try:
-        claim = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return claim if isinstance(claim, dict) else None
+            pass
+        current = read_claim(run_dir)
+        if current is not None and not is_stale(current, timeout):
+            return describe_claim(current)
+        # Free, or its worker is gone: the next generation's file is ours if we create it first.
+        generation = 1 if current is None else current["generation"] + 1
+        record = {"worker": worker_name(), "host": socket.gethostname(), "machine": machine_id(),
+                  "pid": os.getpid(), "started": time.time(), "nonce": uuid.uuid4().hex}
+        if not write_new(run_dir / f"claim.{generation}.json", record):
+            continue                         # another worker was first: look again
+        for older, path in claim_files(run_dir):
+            if older < generation:           # dead claims: their workers abandon the run
+                path.unlink(missing_ok=True)
+        claim = Claim(run_dir, generation, interval=max(0.5, timeout / 5), timeout=timeout)
+        if (run_dir / "results.json").exists():   # finished between our check and the claim
+            claim.release()
+            return "finished"
+        return claim
+    current = read_claim(run_dir)
+    return describe_claim(current) if current else "claimed by another worker"
 
 
 # ----------------------------------------------------------------------------- data parallel

@@ -78,7 +78,7 @@ def test_two_workers_share_a_grid_and_each_run_is_trained_once(tmp_path, serial)
     assert all(by_worker), f"one worker trained everything: {by_worker}"
     for run in RUNS:
         assert results_of(out, run) == results_of(serial, run), run
-        assert not (out / "RTE" / run / "claim.json").exists()            # released
+        assert not list((out / "RTE" / run).glob("claim*"))              # released
 
 
 def test_a_killed_worker_s_run_is_taken_over_after_the_claim_timeout(tmp_path, serial, capsys):
@@ -93,39 +93,40 @@ def test_a_killed_worker_s_run_is_taken_over_after_the_claim_timeout(tmp_path, s
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     run_dir = out / "RTE" / "lnsr" / "seed1"
-    assert (run_dir / "claim.json").exists() and not (run_dir / "results.json").exists()
+    claim_file = run_dir / "claim.1.json"
+    assert claim_file.exists() and not (run_dir / "results.json").exists()
     # The claim as a worker on another machine would leave it: its pid cannot be checked here,
     # so only the heartbeat's age tells that it died.
-    claim = json.loads((run_dir / "claim.json").read_text())
-    claim.update(host="another-machine", worker="another-machine:1")
-    (run_dir / "claim.json").write_text(json.dumps(claim))
+    claim = json.loads(claim_file.read_text())
+    claim.update(machine="another-machine", worker="another-machine:1")
+    claim_file.write_text(json.dumps(claim))
     # Half-written runs count nowhere: summarize lists the claim and counts no run.
     runs, problems = evaluate.read_runs(out)
     assert runs == [] and any("claimed by another-machine:1" in p for p in problems)
     # Within the timeout the run is not taken: the worker waits for it, and when the heartbeat
     # is older than the timeout it takes the run over and finishes it, as a serial run would.
-    claim["heartbeat"] = time.time()
-    (run_dir / "claim.json").write_text(json.dumps(claim))
+    os.utime(claim_file)                     # a heartbeat just now
     start = time.time()
     late = run_serial(out, *longer)
     assert "waiting for 1 run(s) that other workers hold" in late.stderr
     assert time.time() - start > 3 and trained_by(late.stderr) == ["RTE lnsr seed 1"]
     assert results_of(out, "lnsr/seed1") == results_of(serial, "lnsr/seed1")
-    assert not (run_dir / "claim.json").exists() and not list(run_dir.glob("claim.json.*"))
+    assert not list(run_dir.glob("claim*"))
 
 
-def test_a_dead_pid_on_this_host_is_taken_over_at_once(tmp_path):
+def test_a_dead_pid_on_this_machine_is_taken_over_at_once(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (run_dir / "claim.json").write_text(json.dumps({"worker": "w", "host": os.uname().nodename,
-                                                    "pid": dead.pid, "heartbeat": time.time()}))
+    (run_dir / "claim.1.json").write_text(json.dumps({"worker": "w", "machine": workers.machine_id(),
+                                                      "pid": dead.pid}))
     claim = workers.claim_run(run_dir, timeout=3600)
-    assert isinstance(claim, workers.Claim)
-    assert json.loads((run_dir / "claim.json").read_text())["pid"] == os.getpid()
+    assert isinstance(claim, workers.Claim) and claim.generation == 2
+    assert [p.name for p in run_dir.iterdir()] == ["claim.2.json"]          # the dead one is gone
+    assert json.loads((run_dir / "claim.2.json").read_text())["pid"] == os.getpid()
     claim.release()
-    assert not (run_dir / "claim.json").exists()
+    assert not list(run_dir.iterdir())
     # A live claim is left alone; a finished run is never claimed.
     assert isinstance(first := workers.claim_run(run_dir, 3600), workers.Claim)
     assert workers.claim_run(run_dir, 3600).startswith("claimed by")
@@ -221,38 +222,50 @@ def test_data_parallel_outside_torchrun_is_a_one_line_error(tmp_path):
 
 
 def test_two_workers_judging_one_dead_claim_never_both_hold_the_run(tmp_path):
-    """The race of a take-over: both workers find the same dead claim; the first moves it aside
-    and claims the run; the second, moving what is there now, finds the live claim and puts it
-    back instead of taking it."""
+    """The race of a take-over: both workers found the same dead claim; the first creates the
+    next generation; the second, trying to create that same generation, fails and finds the
+    live claim."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    dead = {"worker": "gone", "host": "another-machine", "pid": 1, "heartbeat": 0.0, "nonce": "dead"}
-    (run_dir / "claim.json").write_text(json.dumps(dead))
+    dead_file = run_dir / "claim.1.json"
+    dead_file.write_text(json.dumps({"worker": "gone", "machine": "another-machine", "pid": 1}))
+    os.utime(dead_file, (0, 0))                                  # no heartbeat since 1970
+    dead = workers.read_claim(run_dir)
     first = workers.claim_run(run_dir, timeout=10)
-    assert isinstance(first, workers.Claim)
-    # The second worker read the dead claim before the first replaced it: replay its rename.
+    assert isinstance(first, workers.Claim) and first.generation == 2
     real_read = workers.read_claim
-    workers.read_claim = lambda d: dead                     # what it saw a moment ago
+    seen = iter([dead])                  # the second worker read the dead claim a moment ago
+    workers.read_claim = lambda d: next(seen, None) or real_read(d)
     try:
         second = workers.claim_run(run_dir, timeout=10)
     finally:
         workers.read_claim = real_read
-    assert not isinstance(second, workers.Claim)
-    assert first.owned() and json.loads((run_dir / "claim.json").read_text())["nonce"] == first.record["nonce"]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["claim.json"]     # nothing left aside
+    assert isinstance(second, str) and second.startswith("claimed by")
+    assert first.owned() and [p.name for p in run_dir.iterdir()] == ["claim.2.json"]
     first.release()
 
 
-def test_a_worker_that_lost_its_claim_stops_its_heartbeat_and_leaves_the_new_claim(tmp_path):
+def test_a_worker_that_lost_its_claim_stops_and_leaves_the_new_one(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     claim = workers.claim_run(run_dir, timeout=2.5)          # heartbeat every 0.5 s
-    other = {**claim.record, "worker": "the new owner", "nonce": "new", "heartbeat": time.time()}
-    (run_dir / "claim.json").write_text(json.dumps(other))  # taken over while this one stalled
+    newer = run_dir / "claim.2.json"                         # taken over while this one stalled
+    newer.write_text(json.dumps({"worker": "the new owner"}))
     time.sleep(1.2)
-    assert claim.lost
+    assert claim.lost and not claim.owned()
     claim.release()
-    assert json.loads((run_dir / "claim.json").read_text())["nonce"] == "new"
+    assert [p.name for p in run_dir.iterdir()] == ["claim.2.json"]
+
+
+def test_a_claim_whose_run_stopped_moving_stops_beating(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    claim = workers.claim_run(run_dir, timeout=1.0)          # heartbeat every 0.5 s
+    time.sleep(1.6)                                          # no progress() since the claim
+    assert workers.claim_age(workers.read_claim(run_dir)) > 1.0
+    assert isinstance(workers.claim_run(run_dir, timeout=1.0), workers.Claim)   # taken over
+    assert claim.lost or not claim.owned()
+    claim.release()
 
 
 def test_a_run_that_failed_in_this_sweep_is_not_retried_but_an_older_failure_is(tmp_path):
