@@ -6,6 +6,7 @@ bits (with --data-parallel, dropout off: within 1e-5, as the reduction order dif
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -145,9 +146,11 @@ def torchrun(nproc, out, *extra):
 
 def test_torchrun_ranks_are_workers_of_one_grid(tmp_path, serial):
     out = tmp_path / "torchrun"
-    torchrun(2, out, *GRID)
-    for run in RUNS:
+    done = torchrun(2, out, "--model", "minilm-l6", "--methods", "ft,lnsr", "--seeds", "1")
+    for run in ("ft/seed1", "lnsr/seed1"):
         assert results_of(out, run) == results_of(serial, run), run
+    trained = [int(n) for n in re.findall(r"trained (\d+) run\(s\)", done.stderr)]
+    assert len(trained) == 2 and sum(trained) == 2                # two ranks, each run once
 
 
 def test_local_part_splits_every_batch_in_order_and_the_weights_give_the_mean():
@@ -203,13 +206,13 @@ def test_data_parallel_on_two_processes_is_one_process_without_dropout(tmp_path,
 def test_data_parallel_with_dropout_runs_every_method_and_keeps_lnsr_sigma_zero_at_zero(tmp_path):
     methods = "lnsr,l2sp,mixout,smart,noise,r3f"
     done = torchrun(2, tmp_path, "--model", "minilm-l6", "--methods", methods, "--lnsr-sigma", "0",
-                    "--seed", "1", "--data-parallel", "--max-train-samples", "12")
+                    "--seed", "1", "--data-parallel", "--max-train-samples", "12", "--max-eval-samples", "8")
     _, log, _ = results_of(tmp_path, "lnsr/seed1")
     assert [penalty for _, _, penalty in log] == [0.0, 0.0]         # replayed masks on each rank
     assert "trained 6 run(s)" in done.stderr
     for m in methods.split(",")[1:]:
         results, log, predictions = results_of(tmp_path, f"{m}/seed1")
-        assert len(log) == 2 and len(predictions) == results["n_dev"] == 16
+        assert len(log) == 2 and len(predictions) == results["n_dev"] == 8
         assert all(penalty > 0 for _, _, penalty in log) or m in ("mixout", "noise"), m
 
 
