@@ -296,7 +296,17 @@ def test_round_to_tf32_keeps_ten_mantissa_bits():
     assert tiny.round_to_tf32(x).tolist() == [1.0, 1.0 + 2 ** -10, 1.0 + 2 ** -10, 1.0, -3.0 - 2 ** -9]
 
 
-def test_tf32_would_swamp_lnsr_noise_and_train_keeps_it_off_on_cuda(monkeypatch):
+@pytest.fixture
+def tf32_switches():
+    """Puts torch's TF32 switches back as they were after the test. (pytest's monkeypatch cannot:
+    torch serves matmul.allow_tf32 through __getattr__, and monkeypatch 9.2 undoes such an
+    attribute with delattr.)"""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_tf32_would_swamp_lnsr_noise_and_train_keeps_it_off_on_cuda(monkeypatch, tf32_switches):
     """Why the policy keeps fp32 products fp32 on a GPU. Every nn.Linear is made to compute as a
     GPU does when torch.backends.cuda.matmul.allow_tf32 is on (inputs and weights rounded to
     TF32, fp32 accumulation). Then at sigma 1e-4 the LNSR penalty is mostly rounding: many
@@ -312,7 +322,7 @@ def test_tf32_would_swamp_lnsr_noise_and_train_keeps_it_off_on_cuda(monkeypatch)
         return linear(x, weight, bias)
 
     monkeypatch.setattr(torch.nn.functional, "linear", gpu_linear)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)    # restored afterwards
+    torch.backends.cuda.matmul.allow_tf32 = False                            # restored afterwards
     model = tiny.tiny_model(num_layers=2, dropout=0.0).train()
     batch = tiny.tiny_batch()
 
@@ -376,7 +386,7 @@ def test_precision_policy_gives_every_arm_the_strictest_recipe(monkeypatch):
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_arms_of_one_command_record_the_same_recipe(tmp_path, monkeypatch, device):
+def test_arms_of_one_command_record_the_same_recipe(tmp_path, monkeypatch, tf32_switches, device):
     """--methods ft,lnsr with --precision auto on bf16 hardware: both arms record fp32 and the
     same TF32 setting. For 'cuda' the policy is told the device is a bf16-capable GPU while the
     tensors stay on the CPU; the TF32 switch that train.py sets is read back while training."""
@@ -386,7 +396,7 @@ def test_arms_of_one_command_record_the_same_recipe(tmp_path, monkeypatch, devic
         monkeypatch.setattr(train, "native_bf16", lambda device: True)
         monkeypatch.setattr(train, "numeric_recipe", lambda requested, classes, device_type, native:
                             policy(requested, classes, "cuda", native))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)    # as the old pick_device left it
+    torch.backends.cuda.matmul.allow_tf32 = True                           # as the old pick_device left it
     seen = []
     task_loss = train.task_loss
     monkeypatch.setattr(train, "task_loss", lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32)

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -103,13 +104,38 @@ def test_a_killed_worker_s_run_is_taken_over_after_the_claim_timeout(tmp_path, s
     # Half-written runs count nowhere: summarize lists the claim and counts no run.
     runs, problems = evaluate.read_runs(out)
     assert runs == [] and any("claimed by another-machine:1" in p for p in problems)
-    # Within the timeout the run is not taken: the worker waits for it, and when the heartbeat
-    # is older than the timeout it takes the run over and finishes it, as a serial run would.
-    os.utime(claim_file)                     # a heartbeat just now
-    start = time.time()
-    late = run_serial(out, *longer)
-    assert "waiting for 1 run(s) that other workers hold" in late.stderr
-    assert time.time() - start > 3 and trained_by(late.stderr) == ["RTE lnsr seed 1"]
+    # While the heartbeat is fresh the run is not taken: the worker waits for it. Once the
+    # heartbeat stops (the dead worker's last beat), the run is taken over after the timeout and
+    # finished as a serial run would. The beat is kept fresh until the worker says it waits, so
+    # that a slow start (a loaded machine) cannot outlast the timeout before the worker looks.
+    beating = threading.Event()
+    beating.set()
+
+    def heartbeat():
+        while beating.is_set():
+            try:
+                os.utime(claim_file)
+            except FileNotFoundError:
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    late = subprocess.Popen(train_command(out, *longer), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    stderr, last_beat = [], None
+    try:
+        for line in late.stderr:
+            stderr.append(line)
+            if last_beat is None and "waiting for 1 run(s) that other workers hold" in line:
+                beating.clear()
+                last_beat = time.time()
+    finally:
+        beating.clear()
+        late.wait(timeout=600)
+    stderr = "".join(stderr)
+    assert late.returncode == 0, stderr[-2000:]
+    assert last_beat is not None, stderr[-2000:]                   # it waited ...
+    assert time.time() - last_beat > 3 and trained_by(stderr) == ["RTE lnsr seed 1"]   # ... then took over
     assert results_of(out, "lnsr/seed1") == results_of(serial, "lnsr/seed1")
     assert not list(run_dir.glob("claim*"))
 
