@@ -527,8 +527,8 @@ def cpu_flags() -> set:
 
 def native_bf16(device) -> bool:
     """Does the hardware compute bf16 matrix products natively?"""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":               # emulated bf16 (before Ampere) is slower than fp32
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 

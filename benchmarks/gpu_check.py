@@ -34,7 +34,13 @@ What it checks (rows with a limit are checks; the others are measurements):
                save_pretrained (plus a WordPiece vocabulary built from RTE's training text),
                `train.py --task rte --methods ft,lnsr --max-train-samples 256 --epochs 1`, both
                runs finishing with results.json and recording the same recipe (fp32, TF32 off);
-               then ft twice with --deterministic: the same losses, bit for bit.
+               then LNSR twice with --deterministic: the same losses and penalties, bit for
+               bit, and config.json records it.
+
+A section that raises becomes one FAIL row and the next section still runs; every row is also
+shown on stderr as soon as it is made, and a train.py process that hangs is stopped after
+TRAIN_TIMEOUT seconds. The GLUE folder travels with the command: copy RTE/ into the checkout
+(e.g. data/glue/RTE, which git ignores) if the GPU machine has no copy of its own.
 
 --small swaps BERT-Large for a 2-layer model of width 64 and shortens the timing, so that the
 whole script takes seconds on a CPU.
@@ -66,8 +72,11 @@ from regularizers import method_class  # noqa: E402
 from regularizers.base import FineTune  # noqa: E402
 from regularizers.lnsr import LNSR, LNSROptions  # noqa: E402
 
-BERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
-SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=10000)
+BERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                  initializer_range=0.05)
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=10000,
+             initializer_range=0.2)
+TRAIN_TIMEOUT = 300           # seconds for one train.py process; a hung one is a FAIL row, not a hang
 PARITY_LIMIT = 1e-4           # max |difference| of any hidden state (unit-scale values), fp32
 SIGMA_SQUARED_RANGE = (50, 200)   # penalty(1e-4) / penalty(1e-5); sigma^2 says 100
 # Dense peak rates in TFLOP/s from NVIDIA's data sheets, (bf16 tensor cores, fp32 without
@@ -99,16 +108,21 @@ def random_checkpoint(folder: Path, shape: dict, data_dir: Path) -> Path:
     """A randomly initialised BertForSequenceClassification in HF's layout (transformers'
     save_pretrained), with a WordPiece vocabulary from RTE's training text beside it.
 
-    Weights are drawn with std 0.2, not BERT's 0.02: with 0.02 the residual connections carry
-    nearly everything, so a wrong activation or matrix products rounded to TF32 change the hidden
-    states by less than the parity limit and the penalty by about 1%; with 0.2 every layer
-    matters (8.6e-4 for a tanh GELU planted in the small model, a 13-fold LNSR penalty under TF32
-    rounding, close to the 14-fold measured on pretrained MiniLM).
+    The weights' std (`initializer_range` of the shape) is larger than BERT's 0.02: with 0.02 the
+    residual connections carry nearly everything, so a wrong activation or matrix products
+    rounded to TF32 change the hidden states by less than the parity limit and the penalty by
+    about 1%. Too large, and the random model is chaotic: at 0.2, 24 layers of width 1024 amplify
+    fp32 rounding to 1e-2 (fp32 against fp64 on the CPU) and sigma 1e-4 is no longer small
+    (penalty ratio 26 for 1e-4 / 1e-5 in fp64), so correct kernels would fail. Measured on the CPU:
+    - the 2 x 64 model at 0.2: a tanh GELU planted moves the hidden states by 8.6e-4, TF32
+      rounding multiplies the LNSR penalty 13-fold (14-fold on pretrained MiniLM);
+    - BERT-Large at 0.05: fp32 against fp64 8.7e-6 (limit 1e-4), penalty ratio 95 (sigma^2: 100),
+      a tanh GELU 4.5e-3, TF32 rounding multiplies the penalty 459-fold.
     """
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    bench_step.save_random_checkpoint({**shape, "initializer_range": 0.2}, folder)
+    bench_step.save_random_checkpoint(shape, folder)
     (folder / "vocab.txt").write_text("\n".join(rte_vocabulary(data_dir)) + "\n", encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}), encoding="utf-8")
     return folder
@@ -204,9 +218,11 @@ def peak_rates(device):
 
 
 def peak_bytes(fn, device) -> int | None:
-    """Peak device memory of fn() above what was allocated before it (CUDA only)."""
+    """Peak device memory of one fn() above what was allocated before it (CUDA only). fn runs
+    once before: its first call also allocates gradients and the optimizer's moments, which
+    every later step reuses."""
+    fn()
     if device.type != "cuda":
-        fn()
         return None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -236,7 +252,7 @@ def check_speed(folder: Path, device, settings, batch_size, length) -> list:
     for model in (ours, hf, lnsr_model):
         model.train()
     train.apply_recipe(train.NumericRecipe("fp32", False))
-    memory = {name: peak_bytes(fn, device) for name, (fn, _) in steps.items()}   # also a warm-up
+    memory = {name: peak_bytes(fn, device) for name, (fn, _) in steps.items()}   # also the warm-up
     times = bench_step.median_times({name: fn for name, (fn, _) in steps.items()}, settings, device)
     for model in (ours, hf):
         model.eval()
@@ -267,7 +283,10 @@ def check_speed(folder: Path, device, settings, batch_size, length) -> list:
 def run_train(*extra) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "train.py"), "--task", "rte", *extra]
     say("  $ " + " ".join(command[1:]))
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    try:
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TRAIN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(command, 124, "", f"timed out after {TRAIN_TIMEOUT} s")
 
 
 def check_train(folder: Path, out: Path, device, data_dir: Path, n_train, n_repeat) -> list:
@@ -287,16 +306,24 @@ def check_train(folder: Path, out: Path, device, data_dir: Path, n_train, n_repe
                 "yes" if ok else f"no (exit {done.returncode}: {tail(done.stderr)})", "both", ok),
             Row("train.py", "the recipe both config.json record", ", ".join(map(str, recipes)) or "-",
                 "(fp32, False) twice", recipes == [("fp32", False)] * 2)]
-    losses = []
+    # LNSR, not ft: the policy's fp32 recipe and the dropout replay are what a comparison needs
+    # to repeat (ft alone would run in bf16 on a bf16 GPU).
+    losses, recorded = [], []
     for repeat in ("a", "b"):
-        done = run_train(*common, "--method", "ft", "--max-train-samples", str(n_repeat), "--deterministic",
+        done = run_train(*common, "--method", "lnsr", "--max-train-samples", str(n_repeat), "--deterministic",
                          "--output-dir", str(out / repeat))
-        log = out / repeat / "RTE" / "ft" / "seed1" / "log.jsonl"
-        losses.append([json.loads(line)["loss"] for line in log.read_text().splitlines()]
-                      if done.returncode == 0 and log.is_file() else tail(done.stderr))
-    same = isinstance(losses[0], list) and losses[0] == losses[1]
-    rows.append(Row("train.py", "ft twice with --deterministic: the same loss at every step",
-                    "same" if same else f"differ: {losses[0]} / {losses[1]}", "same", same))
+        run_dir = out / repeat / "RTE" / "lnsr" / "seed1"
+        ok = done.returncode == 0 and (run_dir / "results.json").is_file()
+        losses.append([(r["loss"], r["penalty"]) for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())]
+                      if ok else tail(done.stderr))
+        if ok:
+            recorded.append(json.loads((run_dir / "config.json").read_text())["settings"]["deterministic"])
+    same = isinstance(losses[0], list) and len(losses[0]) > 1 and losses[0] == losses[1]
+    rows.append(Row("train.py", f"lnsr twice with --deterministic ({n_repeat} examples): the same loss and "
+                    "penalty at every step, and config.json records deterministic",
+                    "same" if same and recorded == [True, True] else
+                    f"differ or not recorded: {losses[0]} / {losses[1]}; deterministic {recorded}"[:300],
+                    "same, recorded", same and recorded == [True, True]))
     return rows
 
 
@@ -306,6 +333,21 @@ def tail(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the report
+
+def run_section(name, check) -> list:
+    """The section's rows, each also shown at once; a section that raises is one FAIL row, and the
+    sections after it still run (a GPU is lent for minutes: one crash must not lose the table)."""
+    try:
+        rows = check()
+    except Exception as error:                                       # noqa: BLE001 (reported as a FAIL)
+        rows = [Row(name, "the section raised", f"{type(error).__name__}: {error}"[:300], "no error", False)]
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for r in rows:
+        say(f"  {r.what}: {r.value} {r.status}")
+    return rows
+
 
 def machine(device) -> str:
     text = bench_step.machine_description(device)
@@ -355,25 +397,21 @@ def main(argv=None) -> int:
     shape, shape_name = (SMALL, "2 x 64 (small)") if args.small else (BERT_LARGE, "BERT-Large shape")
     # Sizes: (parity batch, precision batch, speed batch, train.py examples, repeat examples).
     if args.small:
-        settings, sizes = bench_step.Settings(warmup=1, reps=1), ((2, 32), (4, 32), (8, 32), 64, 16)
+        settings, sizes = bench_step.Settings(warmup=1, reps=1), ((2, 32), (4, 32), (8, 32), 64, 64)
     else:
-        settings, sizes = bench_step.Settings(warmup=3, reps=10), ((4, 128), (8, 128), (32, 128), 256, 64)
+        settings, sizes = bench_step.Settings(warmup=3, reps=10), ((4, 128), (8, 128), (32, 128), 256, 128)
     parity_batch, precision_batch, speed_batch, n_train, n_repeat = sizes
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         folder = random_checkpoint(Path(tmp) / "model", shape, data_dir)
-        if "parity" in sections:
-            say("parity ...")
-            rows += check_parity(folder, device, shape_name, *parity_batch)
-        if "precision" in sections:
-            say("precision ...")
-            rows += check_precision(folder, device, *precision_batch)
-        if "speed" in sections:
-            say("speed ...")
-            rows += check_speed(folder, device, settings, *speed_batch)
-        if "train" in sections:
-            say("train.py ...")
-            rows += check_train(folder, Path(tmp), device, data_dir, n_train, n_repeat)
+        checks = {"parity": partial(check_parity, folder, device, shape_name, *parity_batch),
+                  "precision": partial(check_precision, folder, device, *precision_batch),
+                  "speed": partial(check_speed, folder, device, settings, *speed_batch),
+                  "train": partial(check_train, folder, Path(tmp), device, data_dir, n_train, n_repeat)}
+        for name, check in checks.items():
+            if name in sections:
+                say(f"{name} ...")
+                rows += run_section(name, check)
     report = markdown(rows, device, argv)
     print(report)
     if args.output:

@@ -72,3 +72,15 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "no RTE/train.tsv" in capsys.readouterr().err
     assert gpu_check.main(SMALL + ["--sections", "parity,speeed"]) == 2
     assert "speeed" in capsys.readouterr().err
+
+
+def test_a_section_that_raises_is_a_fail_row_and_the_next_section_still_runs(monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(gpu_check, "check_parity", broken)
+    code = gpu_check.main(SMALL + ["--sections", "parity,precision"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "| parity | the section raised | RuntimeError: CUDA error: an illegal memory access" in captured.out
+    assert "LNSR penalty, sigma 0, training mode, shared masks | 0 | exactly 0 | pass |" in captured.out
+    assert "LNSR penalty, sigma 0, training mode, shared masks: 0 pass" in captured.err    # shown as it came
