@@ -108,7 +108,7 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(config.intermediate_size, config.hidden_size)    # W_2: 4H -> H
         self.act = ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x):
+    def forward(self, x):                                       # (..., H) -> (..., 4H) -> (..., H)
         return self.down(self.act(self.up(x)))
 
 
