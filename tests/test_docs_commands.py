@@ -11,6 +11,7 @@ report cannot drift from the runs behind it.
 import itertools
 import re
 import shlex
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,49 @@ def commands(path, with_sections=False):
                     argv = shlex.split(expanded)[1:]
                     found.append((section, argv) if with_sections else argv)
     return found
+
+
+GUIDES = [ROOT / "docs" / "USAGE.md", ROOT / "docs" / "CLUSTER.md"]
+
+
+def guide_train_commands(path):
+    """The train.py commands of a guide, run by python or torchrun, in fenced bash blocks or in
+    indented code, with `for x in a b c; do` loops expanded: the argv after train.py."""
+    text = path.read_text(encoding="utf-8")
+    indented = [textwrap.dedent(block) for block in re.findall(r"((?:^    \S.*\n)+)", text, re.M)]
+    found = []
+    for block in bash_blocks(text) + indented:
+        loops = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            loop = re.match(r"for (\w+) in (.+); do$", line)
+            if loop:
+                loops[loop[1]] = loop[2].split()
+            elif re.match(r"(python|torchrun)\b.*\btrain\.py\b", line):
+                names = [n for n in loops if re.search(rf"\$\{{?{n}\b", line)]
+                for values in itertools.product(*(loops[n] for n in names)):
+                    expanded = line
+                    for n, v in zip(names, values):
+                        expanded = re.sub(rf"\$\{{?{n}\b\}}?", v, expanded)
+                    argv = shlex.split(expanded)
+                    found.append(argv[argv.index("train.py") + 1:])
+    return found
+
+
+@pytest.mark.parametrize("guide", GUIDES, ids=lambda p: p.name)
+def test_the_guides_train_commands_parse_and_dry_run(guide, tmp_path, monkeypatch, capsys):
+    """docs/USAGE.md and docs/CLUSTER.md: every train.py command is a valid command. A
+    --data-parallel one needs torchrun's ranks, so it is parsed only; the others dry-run (in an
+    empty folder, where their output folders do not exist: every run is listed as to run)."""
+    found = guide_train_commands(guide)
+    assert found, f"{guide.name}: no train.py commands found"
+    monkeypatch.chdir(tmp_path)
+    for argv in found:
+        if "--data-parallel" in argv:
+            train.build_parser().parse_args(argv)
+        else:
+            assert train.main(argv + ["--dry-run"]) == 0, (argv, capsys.readouterr().err)
+    assert not list(tmp_path.iterdir()), "a dry run created files"
 
 
 def all_commands():
@@ -150,9 +194,16 @@ def test_readme_methods_table_scores_are_the_committed_runs(at_repository_root):
     runs, _ = evaluate.read_runs(ROOT / "results" / "glue")
     table = evaluate.summarize(runs)
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| (\w+) \| [\d.]+ \| [\d.]+ \| (.+?) \| (.+?) \| .+ \| .+ \|$", readme, re.M)
+    rows = re.findall(r"^\| (\w+) \| [\d.]+ \| [\d.]+ \| (.+?) \| (.+?) \| (.+) \| (.+) \|$", readme, re.M)
     assert len(rows) == 7, "README's Methods table not found"
-    for method, *cells in rows:
-        for task, cell in zip(("RTE", "MRPC"), cells):
+    for method, rte, mrpc, rte_seconds, mrpc_seconds in rows:
+        for task, cell, seconds in (("RTE", rte, rte_seconds), ("MRPC", mrpc, mrpc_seconds)):
             row = table[task][method]
             assert cell == f"{evaluate.fmt(row['mean'])} +- {evaluate.fmt(row['std'])} ({row['n']})", (method, task)
+            assert seconds == evaluate.seconds_range(row["train_seconds"]), (method, task)
+    # The Results section's ft-against-lnsr line per task.
+    bullets = re.findall(r"^  - (\S+) .*?([\d.]+) against ([\d.]+) \(p = ([\d.]+)\)", readme, re.M)
+    assert sorted(task for task, *_ in bullets) == ["CoLA", "MRPC", "RTE", "STS-B"]
+    for task, ft, lnsr, p in bullets:
+        assert (ft, lnsr) == (evaluate.fmt(table[task]["ft"]["mean"]), evaluate.fmt(table[task]["lnsr"]["mean"])), task
+        assert p == f"{table[task]['lnsr']['p_vs_ft']:.2f}", task
