@@ -667,14 +667,13 @@ def replace_flag(argv, flag, value) -> list:
     return out + [flag, value]
 
 
-def default_model(device, status) -> str:
+def default_model(device) -> tuple:
     """The paper's BERT-Large on a GPU; elsewhere the embedded MiniLM, and a line that says so."""
     from bert.hub import EMBEDDED
     if device.type == "cuda":
-        return PAPER_MODEL
-    status.say(f"no GPU here: training the embedded MiniLM-L6 ({EMBEDDED}, 6 layers), not the paper's "
-               f"BERT-Large; --model {PAPER_MODEL} asks for that")
-    return EMBEDDED
+        return PAPER_MODEL, None
+    return EMBEDDED, (f"no GPU here: training the embedded MiniLM-L6 ({EMBEDDED}, 6 layers), not the paper's "
+                      f"BERT-Large; --model {PAPER_MODEL} asks for that")
 
 
 def check_args(args):
@@ -842,8 +841,9 @@ def main(argv=None):
                                     else ranks.world)
         if not ranks.is_main:
             status = StatusLine(quiet=True)           # rank 0 speaks for the run
+        model_note = None
         if args.model is None:
-            args.model = default_model(device, status)
+            args.model, model_note = default_model(device)
         variants = parse_methods(args.methods or args.method or "lnsr")
         # Unknown names and bad values fail before any work; then one recipe for every arm.
         classes = [method_options(m, args)[0] for m, _ in variants]
@@ -855,6 +855,8 @@ def main(argv=None):
             check_args(method_args)
             methods.append((m, variant_name(m, own_settings), method_args))
         seeds = parse_seeds(args.seeds) if args.seeds else [args.seed if args.seed is not None else 1]
+        if model_note:                            # said once every flag has been checked
+            status.say(model_note)
         if args.threads:
             torch.set_num_threads(args.threads)
         keep_freed_memory()

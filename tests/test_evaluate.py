@@ -6,6 +6,7 @@ import pytest
 from scipy import stats
 
 import evaluate
+import run_records
 
 FT = [0.70, 0.66, 0.71, 0.64]
 LNSR = [0.72, 0.73, 0.69, 0.74, 0.75]
@@ -221,3 +222,32 @@ def test_losses_table_gives_first_and_last_logged_loss_and_penalty(tmp_path, cap
             if line.startswith("| RTE |") and line.count("|") == 10}
     assert rows["lnsr"] == "| RTE | lnsr | 2 | 0.6900 | 0.15 | 0.217 | 0.4500 | 0.03 | 0.0667 |"
     assert rows["ft"] == "| RTE | ft | 1 | 0.6900 | 0 | 0 | 0.3000 | 0 | 0 |"
+
+
+def test_collapsed_runs_are_labelled_in_every_summarize_table(tmp_path, capsys):
+    """A run whose dev predictions are all one class (or STS-B scores that do not vary) is marked
+    in the summary, the detail, the paired and the --per-run tables; runs without a recorded
+    spread (made before it was recorded) and runs with two classes are not."""
+    make_runs(tmp_path, ft=FT[:3], lnsr=LNSR[:3])
+    spreads = {("ft", 1): {"class_counts": {"0": 150, "1": 127}},
+               ("lnsr", 1): {"class_counts": {"1": 277}},          # collapsed
+               ("lnsr", 2): {"class_counts": {"0": 200, "1": 77}}}   # lnsr seed 3: no spread recorded
+    for run_dir in (tmp_path / "RTE").glob("*/seed*"):             # for --losses
+        (run_dir / "log.jsonl").write_text('{"step": 1, "loss": 0.7, "penalty": 0.01}\n'
+                                           '{"step": 2, "loss": 0.5, "penalty": 0.02}\n')
+    for (method, seed), spread in spreads.items():
+        path = tmp_path / "RTE" / method / f"seed{seed}" / "results.json"
+        results = json.loads(path.read_text())
+        path.write_text(json.dumps({**results, "dev_predictions": spread}))
+    assert run_records.one_answer({"dev_predictions": {"std": 4e-4}}) == "constant dev scores (std 4.0e-04)"
+    assert run_records.one_answer({"dev_predictions": {"std": 2e-3}}) is None
+    table = evaluate.summarize(evaluate.read_runs(tmp_path)[0])
+    assert (table["RTE"]["lnsr"]["collapsed"], table["RTE"]["ft"]["collapsed"]) == (1, 0)
+    for extra in ([], ["--per-run"], ["--losses"]):
+        assert evaluate.main(["summarize", str(tmp_path), *extra]) == 0
+        out = capsys.readouterr().out
+        tables = [block for block in out.split("\n\n") if block.startswith("|")]
+        for block in tables:
+            lnsr_rows = [line for line in block.splitlines() if "| lnsr" in line]
+            assert lnsr_rows and all("(1/3 runs collapsed to one answer)" in line for line in lnsr_rows), block
+        assert "| ft (" not in out                                    # ft is not marked
