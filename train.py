@@ -589,8 +589,12 @@ def keep_freed_memory():
     batch 32 x 128: about 0.2 GB of page faults and 0.3-0.6 s of kernel time per step. A fixed
     32 MiB mmap threshold (glibc's largest) and a 1 GiB trim threshold keep those blocks in the
     heap. Linux with glibc only; elsewhere, or if libc cannot be loaded, this does nothing.
+
+    The price is memory: batches of changing shapes fragment the heap, and a run's resident
+    memory grows (docs/USAGE.md, "Memory on a CPU grows during a run"). A user who sets glibc's
+    own MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ has chosen otherwise: then this does nothing.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
         return
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -464,3 +464,22 @@ def test_runs_made_before_a_setting_existed_read_as_they_were_made(tmp_path, cap
     args = ["--method", "lnsr", "--seed", "1", "--dropout-stream", "run", "--lnsr-dropout", "independent"]
     assert run(tmp_path, *args, "--dry-run") == 2
     assert "'dropout': 'shared'" in capsys.readouterr().err
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_set_them(monkeypatch):
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+
+    monkeypatch.setattr(train.sys, "platform", "linux")
+    monkeypatch.setattr(train.ctypes, "CDLL", lambda name: Libc())
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    train.keep_freed_memory()
+    assert calls == [(-3, 32 * 2**20), (-1, 2**30)]           # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    calls.clear()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")     # the user's choice stands
+    train.keep_freed_memory()
+    assert calls == []
