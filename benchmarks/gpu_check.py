@@ -32,10 +32,10 @@ What it checks (rows with a limit are checks; the others are measurements):
                both branches).
   train.py     end to end on the device: a random checkpoint written with transformers'
                save_pretrained (plus a WordPiece vocabulary built from RTE's training text),
-               `train.py --task rte --methods ft,lnsr --max-train-samples 256 --epochs 1`, both
-               runs finishing with results.json and recording the same recipe (fp32, TF32 off);
-               then LNSR twice with --deterministic: the same losses and penalties, bit for
-               bit, and config.json records it.
+               `train.py --task rte --methods ft,lnsr --max-train-samples 256 --epochs 1
+               --deterministic`, both runs finishing with results.json and recording the same
+               recipe (fp32, TF32 off, deterministic); then its LNSR run once more: the same
+               losses and penalties, bit for bit.
 
 A section that raises becomes one FAIL row and the next section still runs; every row is also
 shown on stderr as soon as it is made, and a train.py process that hangs is stopped after
@@ -289,41 +289,35 @@ def run_train(*extra) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(command, 124, "", f"timed out after {TRAIN_TIMEOUT} s")
 
 
-def check_train(folder: Path, out: Path, device, data_dir: Path, n_train, n_repeat) -> list:
+def check_train(folder: Path, out: Path, device, data_dir: Path, n_train) -> list:
+    """The grid as a user runs it, with --deterministic; then its LNSR run once more, which must
+    repeat it bit for bit (LNSR, not ft: the policy's fp32 recipe and the dropout replay are
+    what a comparison needs to repeat)."""
     common = ["--model", str(folder), "--data-dir", str(data_dir), "--device", device.type,
-              "--epochs", "1", "--log-every", "1"]
-    done = run_train(*common, "--methods", "ft,lnsr", "--max-train-samples", str(n_train),
-                     "--output-dir", str(out / "grid"))
+              "--epochs", "1", "--log-every", "1", "--max-train-samples", str(n_train), "--deterministic"]
+    done = run_train(*common, "--methods", "ft,lnsr", "--output-dir", str(out / "grid"))
     recipes, finished = [], []
     for m in ("ft", "lnsr"):
         run_dir = out / "grid" / "RTE" / m / "seed1"
         finished.append((run_dir / "results.json").is_file())
         if (run_dir / "config.json").is_file():
             settings = json.loads((run_dir / "config.json").read_text())["settings"]
-            recipes.append((settings["precision"], settings["allow_tf32"]))
+            recipes.append((settings["precision"], settings["allow_tf32"], settings["deterministic"]))
     ok = done.returncode == 0 and all(finished)
-    rows = [Row("train.py", f"--methods ft,lnsr --max-train-samples {n_train} --epochs 1: results.json for both",
-                "yes" if ok else f"no (exit {done.returncode}: {tail(done.stderr)})", "both", ok),
-            Row("train.py", "the recipe both config.json record", ", ".join(map(str, recipes)) or "-",
-                "(fp32, False) twice", recipes == [("fp32", False)] * 2)]
-    # LNSR, not ft: the policy's fp32 recipe and the dropout replay are what a comparison needs
-    # to repeat (ft alone would run in bf16 on a bf16 GPU).
-    losses, recorded = [], []
-    for repeat in ("a", "b"):
-        done = run_train(*common, "--method", "lnsr", "--max-train-samples", str(n_repeat), "--deterministic",
-                         "--output-dir", str(out / repeat))
-        run_dir = out / repeat / "RTE" / "lnsr" / "seed1"
-        ok = done.returncode == 0 and (run_dir / "results.json").is_file()
-        losses.append([(r["loss"], r["penalty"]) for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())]
-                      if ok else tail(done.stderr))
-        if ok:
-            recorded.append(json.loads((run_dir / "config.json").read_text())["settings"]["deterministic"])
-    same = isinstance(losses[0], list) and len(losses[0]) > 1 and losses[0] == losses[1]
-    rows.append(Row("train.py", f"lnsr twice with --deterministic ({n_repeat} examples): the same loss and "
-                    "penalty at every step, and config.json records deterministic",
-                    "same" if same and recorded == [True, True] else
-                    f"differ or not recorded: {losses[0]} / {losses[1]}; deterministic {recorded}"[:300],
-                    "same, recorded", same and recorded == [True, True]))
+    rows = [Row("train.py", f"--methods ft,lnsr --max-train-samples {n_train} --epochs 1 --deterministic: "
+                "results.json for both", "yes" if ok else f"no (exit {done.returncode}: {tail(done.stderr)})",
+                "both", ok),
+            Row("train.py", "what both config.json record: (precision, TF32, deterministic)",
+                ", ".join(map(str, recipes)) or "-", "(fp32, False, True) twice", recipes == [("fp32", False, True)] * 2)]
+    again = run_train(*common, "--method", "lnsr", "--output-dir", str(out / "again"))
+    logs = []
+    for output, process in (("grid", done), ("again", again)):
+        log = out / output / "RTE" / "lnsr" / "seed1" / "log.jsonl"
+        logs.append([(r["loss"], r["penalty"]) for r in map(json.loads, log.read_text().splitlines())]
+                    if process.returncode == 0 and log.is_file() else tail(process.stderr))
+    same = isinstance(logs[0], list) and len(logs[0]) > 1 and logs[0] == logs[1]
+    rows.append(Row("train.py", "lnsr again with --deterministic: the same loss and penalty at every step",
+                    "same" if same else f"differ: {logs[0]} / {logs[1]}"[:300], "same", same))
     return rows
 
 
@@ -395,19 +389,19 @@ def main(argv=None) -> int:
         return 2
     device = torch.device(args.device)
     shape, shape_name = (SMALL, "2 x 64 (small)") if args.small else (BERT_LARGE, "BERT-Large shape")
-    # Sizes: (parity batch, precision batch, speed batch, train.py examples, repeat examples).
+    # Sizes: (parity batch, precision batch, speed batch, train.py examples).
     if args.small:
-        settings, sizes = bench_step.Settings(warmup=1, reps=1), ((2, 32), (4, 32), (8, 32), 64, 64)
+        settings, sizes = bench_step.Settings(warmup=1, reps=1), ((2, 32), (4, 32), (8, 32), 64)
     else:
-        settings, sizes = bench_step.Settings(warmup=3, reps=10), ((4, 128), (8, 128), (32, 128), 256, 128)
-    parity_batch, precision_batch, speed_batch, n_train, n_repeat = sizes
+        settings, sizes = bench_step.Settings(warmup=3, reps=10), ((4, 128), (8, 128), (32, 128), 256)
+    parity_batch, precision_batch, speed_batch, n_train = sizes
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         folder = random_checkpoint(Path(tmp) / "model", shape, data_dir)
         checks = {"parity": partial(check_parity, folder, device, shape_name, *parity_batch),
                   "precision": partial(check_precision, folder, device, *precision_batch),
                   "speed": partial(check_speed, folder, device, settings, *speed_batch),
-                  "train": partial(check_train, folder, Path(tmp), device, data_dir, n_train, n_repeat)}
+                  "train": partial(check_train, folder, Path(tmp), device, data_dir, n_train)}
         for name, check in checks.items():
             if name in sections:
                 say(f"{name} ...")
