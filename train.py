@@ -327,16 +327,30 @@ def stream_seed(seed: int, stream: str, *more: int) -> int:
     return int(np.random.SeedSequence([seed, STREAMS[stream], *more]).generate_state(1)[0])
 
 
-def select_subset(features, n=None, fraction=None, seed=0):
-    """A seeded random subset of the features, in the original order (as glue.subsample)."""
-    total = len(features.input_ids)
-    if n is None and fraction is None or (n is not None and n >= total):
-        return features
-    keep = glue.subset_indices(total, n=n, fraction=None if n is not None else fraction, seed=seed)
-    return dataclasses.replace(
-        features, input_ids=[features.input_ids[i] for i in keep],
-        token_type_ids=[features.token_type_ids[i] for i in keep],
-        labels=[features.labels[i] for i in keep])
+class Split:
+    """One split's examples, tokenized when a run asks for them: a run on a subset
+    (--max-train-samples, --train-fraction, --max-eval-samples) tokenizes only its own rows, and
+    each subset is tokenized once per command. Tokenizing is per example, so a subset's features
+    are exactly those rows of the whole split's."""
+
+    def __init__(self, examples, tokenizer, max_seq_length: int):
+        glue.check_examples(examples)                # an unusable file fails before any run
+        self.examples, self.tokenizer, self.max_seq_length = examples, tokenizer, max_seq_length
+        self.encoded = {}                            # kept rows (None: all) -> glue.Features
+
+    def __len__(self):
+        return len(self.examples)
+
+    def subset(self, n=None, fraction=None, seed=0) -> "glue.Features":
+        """A seeded random subset, in the original order (as glue.subsample); all of it by default."""
+        total = len(self.examples)
+        keep = None
+        if not (n is None and fraction is None or (n is not None and n >= total)):
+            keep = tuple(glue.subset_indices(total, n=n, fraction=None if n is not None else fraction, seed=seed))
+        if keep not in self.encoded:
+            rows = self.examples if keep is None else [self.examples[i] for i in keep]
+            self.encoded[keep] = glue.encode(rows, self.tokenizer, self.max_seq_length)
+        return self.encoded[keep]
 
 
 # Flags that do not change what a run computes.
@@ -387,10 +401,9 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     settings = run_settings(args, spec, method_name, seed)
     data_seed, init_seed = settings["data_seed"], settings["init_seed"]
     method_cls, options = method_options(method_name, args)
-    train = select_subset(data.train, args.max_train_samples, args.train_fraction,
-                          stream_seed(data_seed, "subset"))
-    dev = select_subset(data.dev, args.max_eval_samples, None, EVAL_SUBSET_SEED)
-    partial = len(train.input_ids) < len(data.train.input_ids) or len(dev.input_ids) < len(data.dev.input_ids)
+    train = data.train.subset(args.max_train_samples, args.train_fraction, stream_seed(data_seed, "subset"))
+    dev = data.dev.subset(args.max_eval_samples, None, EVAL_SUBSET_SEED)
+    partial = len(train.input_ids) < len(data.train) or len(dev.input_ids) < len(data.dev)
     settings.update(n_train=len(train.input_ids), n_dev=len(dev.input_ids))
     device = data.device
     files = RunFiles(run_dir, writes=ranks.is_main)
@@ -628,9 +641,9 @@ def load_data(args, spec, device, status, argv):
     if args.max_seq_length > positions:
         raise InputError(f"--max-seq-length {args.max_seq_length}: {args.model} has {positions} positions")
     tokenizer = Tokenizer.from_dir(model_dir)
-    train = glue.encode(glue.load_examples(spec.name, "train", args.data_dir), tokenizer, args.max_seq_length)
-    dev = glue.encode(glue.load_examples(spec.name, "dev", args.data_dir), tokenizer, args.max_seq_length)
-    status.say(f"{spec.name}: {len(train.input_ids)} training and {len(dev.input_ids)} dev examples, "
+    train = Split(glue.load_examples(spec.name, "train", args.data_dir), tokenizer, args.max_seq_length)
+    dev = Split(glue.load_examples(spec.name, "dev", args.data_dir), tokenizer, args.max_seq_length)
+    status.say(f"{spec.name}: {len(train)} training and {len(dev)} dev examples, "
                f"{args.model} with {pretrained.config.num_hidden_layers} layers")
     return types.SimpleNamespace(train=train, dev=dev, tokenizer=tokenizer, pretrained=pretrained,
                                  device=device)
@@ -807,10 +820,10 @@ def run_summary(r, data) -> str:
     answer = one_answer(r)
     if answer:
         notes.append(f"collapsed: {answer}")
-    if r["n_train"] < len(data.train.input_ids):
-        notes.append(f"trained on {r['n_train']} of {len(data.train.input_ids)} examples")
-    if r["n_dev"] < len(data.dev.input_ids):
-        notes.append(f"scored on {r['n_dev']} of {len(data.dev.input_ids)} dev examples")
+    if r["n_train"] < len(data.train):
+        notes.append(f"trained on {r['n_train']} of {len(data.train)} examples")
+    if r["n_dev"] < len(data.dev):
+        notes.append(f"scored on {r['n_dev']} of {len(data.dev)} dev examples")
     return line + (f"  [{'; '.join(notes)}]" if notes else "")
 
 
@@ -896,7 +909,7 @@ def main(argv=None):
         for m in {m for m, *_ in todo}:           # options that do not fit this model: before any run
             method_cls, options = method_options(m, args)
             method_cls(options).check(data.pretrained.config)
-        clock = GridClock([(m, planned_steps(a, len(data.train.input_ids))) for m, _, a, _ in todo])
+        clock = GridClock([(m, planned_steps(a, len(data.train))) for m, _, a, _ in todo])
         grid = Grid(args, spec, data, todo, ranks, status, clock, started=time.time())
         pending = list(range(len(todo)))
         while pending:

@@ -10,6 +10,7 @@ from glue.data import (
     Features,
     batch_order,
     batches,
+    check_examples,
     collate,
     default_data_dir,
     encode,
@@ -34,7 +35,7 @@ def ensure_task_data(task: str, data_dir=None, splits=None):
 
 
 __all__ = [
-    "Example", "Features", "TASKS", "TaskSpec", "accuracy", "batch_order", "batches", "collate",
+    "Example", "Features", "TASKS", "TaskSpec", "accuracy", "batch_order", "batches", "check_examples", "collate",
     "compute_metrics", "default_data_dir", "encode", "ensure_task_data", "f1_score", "get_task",
     "load_examples", "matthews_corrcoef", "pearson", "spearman", "subsample", "subset_indices", "task_file",
     "write_test_predictions",

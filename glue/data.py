@@ -204,19 +204,24 @@ class Features:
         return [len(ids) for ids in self.input_ids]
 
 
+def check_examples(examples: list[Example]):
+    """What encode needs of a list of examples: some, all single sentences or all pairs."""
+    if not examples:
+        raise InputError("encode: no examples")
+    has_b = [e.text_b is not None for e in examples]
+    if any(has_b) and not all(has_b):
+        raise InputError("encode: some examples have a second sentence and some do not")
+
+
 def encode(examples: list[Example], tokenizer, max_seq_length: int = 128) -> Features:
     """Tokenize examples (as pairs when the task has two sentences), truncated to max_seq_length.
 
     `tokenizer` is a bert.tokenizer.Tokenizer (or anything with its encode_batch and pad_id):
     longest-first truncation of the pair, no padding; padding happens per batch in batches().
     """
-    if not examples:
-        raise InputError("encode: no examples")
-    has_b = [e.text_b is not None for e in examples]
-    if any(has_b) and not all(has_b):
-        raise InputError("encode: some examples have a second sentence and some do not")
+    check_examples(examples)
     texts_a = [e.text_a for e in examples]
-    texts_b = [e.text_b for e in examples] if has_b[0] else None
+    texts_b = [e.text_b for e in examples] if examples[0].text_b is not None else None
     encoded = tokenizer.encode_batch(texts_a, texts_b, max_length=max_seq_length)
     labels = [e.label for e in examples]
     return Features(

