@@ -84,7 +84,7 @@ def test_two_workers_share_a_grid_and_each_run_is_trained_once(tmp_path, serial)
 
 def test_a_killed_worker_s_run_is_taken_over_after_the_claim_timeout(tmp_path, serial, capsys):
     out = tmp_path / "shared"
-    longer = ["--model", "minilm-l6", "--method", "lnsr", "--seed", "1", "--claim-timeout", "3"]
+    longer = ["--model", "minilm-l6", "--method", "lnsr", "--seed", "1", "--claim-timeout", "2"]
     victim = subprocess.Popen(train_command(out, *longer), env=ENV, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     log = out / "RTE" / "lnsr" / "seed1" / "log.jsonl"
@@ -135,7 +135,7 @@ def test_a_killed_worker_s_run_is_taken_over_after_the_claim_timeout(tmp_path, s
     stderr = "".join(stderr)
     assert late.returncode == 0, stderr[-2000:]
     assert last_beat is not None, stderr[-2000:]                   # it waited ...
-    assert time.time() - last_beat > 3 and trained_by(stderr) == ["RTE lnsr seed 1"]   # ... then took over
+    assert time.time() - last_beat > 2 and trained_by(stderr) == ["RTE lnsr seed 1"]   # ... then took over
     assert results_of(out, "lnsr/seed1") == results_of(serial, "lnsr/seed1")
     assert not list(run_dir.glob("claim*"))
 
@@ -209,23 +209,23 @@ def no_dropout_model(tmp_path_factory):
 
 def test_data_parallel_on_two_processes_is_one_process_without_dropout(tmp_path, no_dropout_model, monkeypatch,
                                                                        capsys):
-    grid = ["--model", str(no_dropout_model), "--methods", "ft,lnsr", "--lnsr-sigma", "0", "--seed", "1",
+    # LNSR: its clean pass runs under DistributedDataParallel and its noisy pass beside it.
+    grid = ["--model", str(no_dropout_model), "--method", "lnsr", "--lnsr-sigma", "0", "--seed", "1",
             "--max-train-samples", "20"]                     # 20 = 8 + 8 + 4: the last batch uneven too
     run_serial(tmp_path / "one", *grid)
     torchrun(2, tmp_path / "two", *grid, "--data-parallel")
-    for run in ("ft/seed1", "lnsr/seed1"):
-        one, two = results_of(tmp_path / "one", run), results_of(tmp_path / "two", run)
-        assert [s for s, _, _ in one[1]] == [s for s, _, _ in two[1]] == [1, 2, 3]
-        for (_, loss_1, penalty_1), (_, loss_2, penalty_2) in zip(one[1], two[1]):
-            assert abs(loss_1 - loss_2) < 1e-5 and penalty_1 == penalty_2 == 0.0
-        assert one[2] == two[2]                                 # the same dev predictions
-    config = json.loads((tmp_path / "two" / "RTE" / "ft" / "seed1" / "config.json").read_text())
+    one, two = results_of(tmp_path / "one", "lnsr/seed1"), results_of(tmp_path / "two", "lnsr/seed1")
+    assert [s for s, _, _ in one[1]] == [s for s, _, _ in two[1]] == [1, 2, 3]
+    for (_, loss_1, penalty_1), (_, loss_2, penalty_2) in zip(one[1], two[1]):
+        assert abs(loss_1 - loss_2) < 1e-5 and penalty_1 == penalty_2 == 0.0
+    assert one[2] == two[2]                                     # the same dev predictions
+    config = json.loads((tmp_path / "two" / "RTE" / "lnsr" / "seed1" / "config.json").read_text())
     assert config["settings"]["data_parallel_ranks"] == 2
     # A dry run of the same command under torchrun's world size finds them finished.
     import train
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert train.main(TINY + grid + ["--output-dir", str(tmp_path / "two"), "--data-parallel", "--dry-run"]) == 0
-    assert capsys.readouterr().out.count("finished, same settings") == 2
+    assert capsys.readouterr().out.count("finished, same settings") == 1
 
 
 def test_data_parallel_with_dropout_runs_every_method_and_keeps_lnsr_sigma_zero_at_zero(tmp_path):
