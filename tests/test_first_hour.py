@@ -156,3 +156,10 @@ def test_progress_in_a_log_file_from_the_first_step_and_during_evaluation(tmp_pa
     summary = next(line for line in lines if line.startswith("  dev acc = "))
     assert "trained on 24 of 2490 examples; scored on 16 of 277 dev examples" in summary
     assert lines[-1].endswith("trained 1 run(s): RTE ft seed 1")
+
+
+def test_without_model_a_gpu_trains_the_paper_s_model_and_a_cpu_the_embedded_one():
+    import torch
+    assert train.default_model(torch.device("cuda", 0)) == ("bert-large-uncased-whole-word-masking", None)
+    name, note = train.default_model(torch.device("cpu"))
+    assert name == "minilm-l6" and note.startswith("no GPU here") and "bert-large-uncased-whole-word-masking" in note
