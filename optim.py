@@ -19,13 +19,20 @@ version as `fused=False`; tests/test_optim.py checks both against a float64 hand
 Schedule: linear warm-up from 0 over the first 10% of the steps, then linear decay to 0,
 as `transformers.get_linear_schedule_with_warmup`.
 """
+from collections import defaultdict
+
 import torch
 
 
-class AdamNoBiasCorrection(torch.optim.Optimizer):
+class AdamNoBiasCorrection:
     """The update of the module docstring. `fused=False` runs it line by line with _foreach_ ops
     (the readable reference); `fused=True` (the default) runs the same math in torch's fused
-    Adam kernel, see `_fused_step`."""
+    Adam kernel, see `_fused_step`.
+
+    It keeps torch.optim's interface (param_groups, state, step, zero_grad) without subclassing
+    torch.optim.Optimizer: the base class imports torch._dynamo on its first call, about 1.2 s
+    of every training process on a 2-core CPU, for a compiler this loop never uses.
+    """
 
     # Adam's bias correction divides by 1 - beta^t. At t = 2^40, beta1^t and beta2^t underflow
     # to exactly 0 (0.999^(2^40) < 1e-400000), so both divisors are exactly 1: a kernel that
@@ -33,12 +40,29 @@ class AdamNoBiasCorrection(torch.optim.Optimizer):
     NO_BIAS_CORRECTION_STEP = 2.0 ** 40
 
     def __init__(self, params, lr=2e-5, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, fused=True):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        groups = list(params)
+        if not groups:
+            raise ValueError("the optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.param_groups = [{**defaults, **group, "params": list(group["params"])} for group in groups]
+        self.state = defaultdict(dict)   # parameter -> {"m", "v"}
         self.fused = fused
         self._steps = {}            # device -> the constant t of NO_BIAS_CORRECTION_STEP
 
+    def zero_grad(self, set_to_none=True):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -109,11 +133,36 @@ def make_optimizer(model, name="adam", lr=2e-5, weight_decay=0.01):
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def linear_warmup_decay(optimizer, total_steps, warmup_fraction=0.1):
-    warmup = int(warmup_fraction * total_steps)
+class LinearWarmupDecay:
+    """lr at step t = base lr * factor(t): t / warmup during the warm-up, then
+    (total - t) / (total - warmup) down to 0. Set on every parameter group at construction
+    (t = 0) and after each `step()`, as torch's LambdaLR does (without its import of
+    torch._dynamo, see AdamNoBiasCorrection)."""
 
-    def factor(step):
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def __init__(self, optimizer, total_steps, warmup_fraction=0.1):
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.warmup = int(warmup_fraction * total_steps)
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.t = 0
+        self._set_lrs()
+
+    def factor(self, step):
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup))
+
+    def _set_lrs(self):
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * self.factor(self.t)
+
+    def step(self):
+        self.t += 1
+        self._set_lrs()
+
+    def get_last_lr(self):
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+
+def linear_warmup_decay(optimizer, total_steps, warmup_fraction=0.1):
+    return LinearWarmupDecay(optimizer, total_steps, warmup_fraction)
