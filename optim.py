@@ -162,7 +162,3 @@ class LinearWarmupDecay:
 
     def get_last_lr(self):
         return [group["lr"] for group in self.optimizer.param_groups]
-
-
-def linear_warmup_decay(optimizer, total_steps, warmup_fraction=0.1):
-    return LinearWarmupDecay(optimizer, total_steps, warmup_fraction)

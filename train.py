@@ -427,7 +427,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     steps_per_epoch = math.ceil(len(train.input_ids) / args.batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
     optimizer = optim.make_optimizer(model, args.optimizer, args.lr, args.weight_decay)
-    scheduler = optim.linear_warmup_decay(optimizer, total_steps, args.warmup)
+    scheduler = optim.LinearWarmupDecay(optimizer, total_steps, args.warmup)
     logged = {}                          # the last log line's loss, penalty and lr, for progress
 
     model.train()

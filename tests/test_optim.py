@@ -112,7 +112,7 @@ def test_no_decay_on_biases_and_layer_norms():
 def test_linear_warmup_then_decay_like_transformers():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=2.0)
-    sched = optim.linear_warmup_decay(opt, total_steps=20, warmup_fraction=0.1)   # 2 warm-up steps
+    sched = optim.LinearWarmupDecay(opt, total_steps=20, warmup_fraction=0.1)   # 2 warm-up steps
     lrs = []
     for _ in range(20):
         lrs.append(sched.get_last_lr()[0])
@@ -142,7 +142,7 @@ def test_a_training_step_does_not_import_the_compiler():
         import sys, torch, optim
         model = torch.nn.Linear(3, 2)
         opt = optim.make_optimizer(model, "adam", lr=1e-3)
-        sched = optim.linear_warmup_decay(opt, total_steps=10)
+        sched = optim.LinearWarmupDecay(opt, total_steps=10)
         for _ in range(3):
             model(torch.ones(4, 3)).pow(2).sum().backward()
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
