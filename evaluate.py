@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bert.errors import InputError, existing_folder
-from run_records import legacy_method_options, one_answer, with_legacy_settings
+from run_records import legacy_method_options, one_answer, parse_seeds, with_legacy_settings
 from workers import describe_claim, read_claim
 
 SUBCOMMANDS = ("summarize", "boxplot", "noise-stability")
@@ -42,17 +42,20 @@ RUN_SETTINGS = ("model", "epochs", "batch_size", "lr", "warmup", "weight_decay",
 
 # ----------------------------------------------------------------------------- summaries
 
-def read_runs(*roots: Path):
+def read_runs(*roots: Path, seeds=None):
     """(runs, problems): every readable results.json below the roots, and what was wrong elsewhere.
 
     Several roots are read as one collection (two rounds of a sweep, say): a run that repeats the
-    task, method, options and seed of one already read is reported and not counted twice.
+    task, method, options and seed of one already read is reported and not counted twice. With
+    seeds (a set), only run folders seed<N> with N in seeds are read.
     """
     for root in roots:
         if not root.is_dir():
             raise InputError(f"{root}: not a folder")
-    config_files = sorted(c for root in roots for c in root.rglob("config.json"))
-    results_files = sorted(r for root in roots for r in root.rglob("results.json"))
+    def selected(path):
+        return seeds is None or path.parent.name in {f"seed{s}" for s in seeds}
+    config_files = sorted(c for root in roots for c in root.rglob("config.json") if selected(c))
+    results_files = sorted(r for root in roots for r in root.rglob("results.json") if selected(r))
     runs, problems, seen = [], [], {}
     for config in config_files:
         run_dir = config.parent
@@ -333,6 +336,24 @@ def losses_markdown(table):
     return "\n".join(lines)
 
 
+def add_seeds_flag(p):
+    p.add_argument("--seeds", default=None,
+                   help="only the runs of these seeds (1-4, 1,3,5, 1-3,7): for example the complete seeds "
+                        "of a sweep still running (default: every seed found)")
+
+
+def read_selected_runs(args):
+    """The runs below args.dir (problems reported on stderr), kept to args.seeds if given."""
+    seeds = set(parse_seeds(args.seeds)) if args.seeds else None
+    runs, problems = read_runs(*map(Path, args.dir), seeds=seeds)
+    for line in problems:
+        print(f"skipped: {line}", file=sys.stderr)
+    if not runs:
+        raise InputError(f"{', '.join(args.dir)}: no readable results.json below"
+                         + (f" for seeds {args.seeds}" if args.seeds else ""))
+    return runs
+
+
 def cmd_summarize(argv):
     p = argparse.ArgumentParser(prog="evaluate.py summarize",
                                 description="Mean, std, median, min, max and Welch p-values over seeds.")
@@ -344,12 +365,9 @@ def cmd_summarize(argv):
     p.add_argument("--losses", action="store_true",
                    help="also the task loss and the penalty at the first and last logged step (log.jsonl), "
                         "averaged over seeds: how strong a regularizer is next to the loss it is added to")
+    add_seeds_flag(p)
     args = p.parse_args(argv)
-    runs, problems = read_runs(*map(Path, args.dir))
-    for line in problems:
-        print(f"skipped: {line}", file=sys.stderr)
-    if not runs:
-        raise InputError(f"{', '.join(args.dir)}: no readable results.json below")
+    runs = read_selected_runs(args)
     table = summarize(runs, args.baseline)
     if args.json:
         # JSON has no NaN: an undefined statistic (the std of one run) is null.
@@ -390,16 +408,13 @@ def cmd_boxplot(argv):
                                           "collection, as summarize reads them")
     p.add_argument("--output", default=None, help="PNG file (default: <first dir>/boxplot.png)")
     p.add_argument("--title", default="", help="a title over the plot")
+    add_seeds_flag(p)
     args = p.parse_args(argv)
     try:
         analysis.pyplot()
     except ImportError:
         raise InputError("box plots need matplotlib, an optional extra: pip install matplotlib") from None
-    runs, problems = read_runs(*map(Path, args.dir))
-    for line in problems:
-        print(f"skipped: {line}", file=sys.stderr)
-    if not runs:
-        raise InputError(f"{', '.join(args.dir)}: no readable results.json below")
+    runs = read_selected_runs(args)
     output = Path(args.output) if args.output else Path(args.dir[0]) / "boxplot.png"
     if not output.parent.is_dir():
         raise InputError(f"--output {output}: folder {output.parent} does not exist")

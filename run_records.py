@@ -1,4 +1,5 @@
-"""Run folders on disk: writing a run's files, and reading older runs as they were made.
+"""Run folders on disk: writing a run's files, reading older runs as they were made, and the
+seed lists that name run folders (seed<N>).
 
 `RunFiles` writes a run's config.json, log.jsonl, results.json (or failed.json) and
 dev_predictions.json, each whole or not at all.
@@ -11,6 +12,31 @@ today's default.
 import json
 import os
 from pathlib import Path
+
+from bert.errors import InputError
+
+
+def parse_seeds(text: str) -> list:
+    """'1-25' -> [1..25]; '1,3,5' -> [1, 3, 5]; '1-3,7' -> [1, 2, 3, 7]."""
+    seeds = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                lo, hi = int(lo), int(hi)
+                if hi < lo:
+                    raise InputError(f"--seeds: {part} counts down; write {hi}-{lo}")
+                seeds.extend(range(lo, hi + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise InputError(f"--seeds: cannot read {text!r} (examples: 1-25, 1,3,5, 1-3,7)") from None
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"--seeds: {text!r} names a seed twice")
+    if any(s < 0 for s in seeds):
+        raise InputError(f"--seeds: seeds must be >= 0, got {text!r}")
+    return seeds
 
 
 def write_json(path: Path, obj):

@@ -36,36 +36,13 @@ import optim
 import regularizers
 from progress import GridClock, StatusLine, format_seconds
 from bert.errors import InputError, existing_folder, folder_to_write
-from run_records import RunFiles, one_answer, with_legacy_settings, write_json
+from run_records import RunFiles, one_answer, parse_seeds, with_legacy_settings, write_json
 from workers import Claim, DataParallel, SingleProcess, claim_run, describe_claim, local_index, read_claim, worker_name
 
 PAPER_MODEL = "bert-large-uncased-whole-word-masking"
 
 
 # ----------------------------------------------------------------------------- command line
-
-def parse_seeds(text: str) -> list:
-    """'1-25' -> [1..25]; '1,3,5' -> [1, 3, 5]; '1-3,7' -> [1, 2, 3, 7]."""
-    seeds = []
-    for part in str(text).split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                lo, hi = int(lo), int(hi)
-                if hi < lo:
-                    raise InputError(f"--seeds: {part} counts down; write {hi}-{lo}")
-                seeds.extend(range(lo, hi + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError:
-            raise InputError(f"--seeds: cannot read {text!r} (examples: 1-25, 1,3,5, 1-3,7)") from None
-    if len(set(seeds)) != len(seeds):
-        raise InputError(f"--seeds: {text!r} names a seed twice")
-    if any(s < 0 for s in seeds):
-        raise InputError(f"--seeds: seeds must be >= 0, got {text!r}")
-    return seeds
-
 
 def option_fields(method_cls):
     return dataclasses.fields(method_cls.Options) if method_cls.Options else ()

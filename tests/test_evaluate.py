@@ -199,6 +199,28 @@ def test_paired_columns_equal_ttest_rel_and_a_hand_computed_interval(tmp_path, c
     assert f"| 4.25 | [{4.25 - half:.2f}, {4.25 + half:.2f}] |" in line and line.endswith(f"| 3/4 | {paired['r']:.2f} | 5 |")
 
 
+def test_seeds_keeps_only_those_seeds_and_says_nothing_of_the_others(tmp_path, capsys):
+    """--seeds 1-3 on seeds 1-5 (seed 6 of lnsr unfinished) prints what summarizing a folder
+    that holds only seeds 1-3 prints, and does not report the unfinished run of another seed."""
+    make_runs(tmp_path / "all", ft=FT + [0.60], lnsr=LNSR)
+    (tmp_path / "all" / "RTE" / "lnsr" / "seed6").mkdir()
+    (tmp_path / "all" / "RTE" / "lnsr" / "seed6" / "config.json").write_text("{}")
+    make_runs(tmp_path / "three", ft=FT[:3], lnsr=LNSR[:3])
+    assert evaluate.main(["summarize", str(tmp_path / "three"), "--per-run"]) == 0
+    expected = capsys.readouterr().out
+    assert evaluate.main(["summarize", str(tmp_path / "all"), "--per-run", "--seeds", "1-3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected and "| 1, 2, 3 |" in expected
+    assert captured.err == ""
+    assert evaluate.main(["summarize", str(tmp_path / "all"), "--seeds", "1-6"]) == 0
+    assert "seed6: no results.json" in capsys.readouterr().err
+    assert evaluate.main(["summarize", str(tmp_path / "all"), "--seeds", "7-9"]) == 2
+    assert evaluate.main(["summarize", str(tmp_path / "all"), "--seeds", "3-1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: " + f"{tmp_path / 'all'}: no readable results.json below for seeds 7-9",
+                   "error: --seeds: 3-1 counts down; write 1-3"]
+
+
 def test_paired_comparison_edge_cases():
     one = evaluate.paired_comparison({1: 50.0, 2: 60.0}, {1: 40.0, 3: 45.0})
     assert one["n"] == 1 and one["mean_diff"] == 10.0 and one["ci95"] is None and one["p"] is None
