@@ -40,6 +40,10 @@ Which flags give which reading (docs/LNSR_READINGS.md compares them, paired by s
 - literal (the default): shared masks, "sum", sigma = 0.0001;
 - two-pass: --lnsr-dropout independent --lnsr-reduction mean (sigma 0.0001);
 - Figure-1 noise: --lnsr-reduction mean --lnsr-relative-sigma 0.05 (shared masks).
+Interim result on MiniLM-L6, seeds 1-4 of 5 (docs/RESULTS.md, "Which reading"): two-pass
+over-regularizes, collapsing on CoLA and scoring about 6 points below ft on RTE and MRPC;
+Figure-1 noise scores like ft. Neither has met the protocol's rule, so the literal reading
+stays the default until the fifth seed decides.
 The paper gives no numeric sigma. The default, 0.0001 with `reduction="sum"`, is the best of
 three pre-registered sweeps on MiniLM-L6 (docs/SIGMA_SWEEP.md: 0.00001 to 0.01), though by seed
 noise only: no sigma measurably beat plain fine-tuning there, and 0.001 and above hurt. Under
