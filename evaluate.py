@@ -52,8 +52,10 @@ def read_runs(*roots: Path, seeds=None):
     for root in roots:
         if not root.is_dir():
             raise InputError(f"{root}: not a folder")
+    seed_folders = None if seeds is None else {f"seed{s}" for s in seeds}
+
     def selected(path):
-        return seeds is None or path.parent.name in {f"seed{s}" for s in seeds}
+        return seed_folders is None or path.parent.name in seed_folders
     config_files = sorted(c for root in roots for c in root.rglob("config.json") if selected(c))
     results_files = sorted(r for root in roots for r in root.rglob("results.json") if selected(r))
     runs, problems, seen = [], [], {}
