@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bert.errors import InputError, existing_folder
-from run_records import legacy_method_options, one_answer, parse_seeds, with_legacy_settings
+from run_records import legacy_method_options, one_answer, parse_seeds, seed_folder, with_legacy_settings
 from workers import describe_claim, read_claim
 
 SUBCOMMANDS = ("summarize", "boxplot", "noise-stability")
@@ -52,12 +52,11 @@ def read_runs(*roots: Path, seeds=None):
     for root in roots:
         if not root.is_dir():
             raise InputError(f"{root}: not a folder")
-    seed_folders = None if seeds is None else {f"seed{s}" for s in seeds}
-
-    def selected(path):
-        return seed_folders is None or path.parent.name in seed_folders
-    config_files = sorted(c for root in roots for c in root.rglob("config.json") if selected(c))
-    results_files = sorted(r for root in roots for r in root.rglob("results.json") if selected(r))
+    folders = None if seeds is None else {seed_folder(s) for s in seeds}
+    config_files = sorted(c for root in roots for c in root.rglob("config.json")
+                          if folders is None or c.parent.name in folders)
+    results_files = sorted(r for root in roots for r in root.rglob("results.json")
+                           if folders is None or r.parent.name in folders)
     runs, problems, seen = [], [], {}
     for config in config_files:
         run_dir = config.parent

@@ -39,6 +39,11 @@ def parse_seeds(text: str) -> list:
     return seeds
 
 
+def seed_folder(seed: int) -> str:
+    """The name of a run's folder: <output-dir>/<task>/<method>/seed<N>."""
+    return f"seed{seed}"
+
+
 def write_json(path: Path, obj):
     """Write, then rename: a reader never sees half a file."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # one per process: never shared

@@ -36,7 +36,7 @@ import optim
 import regularizers
 from progress import GridClock, StatusLine, format_seconds
 from bert.errors import InputError, existing_folder, folder_to_write
-from run_records import RunFiles, one_answer, parse_seeds, with_legacy_settings, write_json
+from run_records import RunFiles, one_answer, parse_seeds, seed_folder, with_legacy_settings, write_json
 from workers import Claim, DataParallel, SingleProcess, claim_run, describe_claim, local_index, read_claim, worker_name
 
 PAPER_MODEL = "bert-large-uncased-whole-word-masking"
@@ -748,7 +748,7 @@ class Grid:
     def train_or_skip(self, i) -> str:
         """"trained", "failed", "done" (by another worker) or "held" (by a live one)."""
         method_name, folder, method_args, seed = self.todo[i]
-        run_dir = Path(self.args.output_dir) / self.spec.name / folder / f"seed{seed}"
+        run_dir = Path(self.args.output_dir) / self.spec.name / folder / seed_folder(seed)
         name = f"{self.spec.name} {folder} seed {seed}"
         # Claim the run before training it (workers.py): other copies of this command skip it.
         claim = claim_run(run_dir, self.args.claim_timeout, self.started) if self.ranks.is_main else None
@@ -857,7 +857,7 @@ def main(argv=None):
         runs = [(m, folder, method_args, s) for m, folder, method_args in methods for s in seeds]
         todo = []                                 # indices into runs
         for i, (m, folder, method_args, s) in enumerate(runs):
-            run_dir = Path(args.output_dir) / spec.name / folder / f"seed{s}"
+            run_dir = Path(args.output_dir) / spec.name / folder / seed_folder(s)
             finished = (run_dir / "results.json").exists()
             if finished:
                 check_finished_run(run_dir, run_settings(method_args, spec, m, s))
