@@ -23,9 +23,10 @@ import train
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = [ROOT / "docs" / "RESULTS.md", ROOT / "docs" / "SIGMA_SWEEP.md", ROOT / "docs" / "LNSR_READINGS.md",
            ROOT / "README.md"]
-# Protocols name runs before they exist: their commands must parse and every committed run must
-# match them, but runs still to come are allowed (the report of the results says which).
-PROTOCOLS = ("LNSR_READINGS.md",)
+# Protocols name runs before they exist: while a protocol's sweep runs, list it here, so that its
+# commands must parse and every committed run must match them but runs still to come are allowed.
+# None is running now: LNSR_READINGS.md's 60 runs are all committed, and this test holds them so.
+PROTOCOLS = ()
 TASKS = ("CoLA", "MRPC", "RTE", "STS-B")
 
 
