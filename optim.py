@@ -61,6 +61,31 @@ class AdamNoBiasCorrection:
                 else:
                     p.grad.detach_().zero_()
 
+    def state_dict(self) -> dict:
+        """m and v of every parameter by its position in the groups, and the groups' settings."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        return {"state": {i: {k: self.state[p][k] for k in ("m", "v")} for i, p in enumerate(params)
+                          if self.state[p]},
+                "param_groups": [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]}
+
+    def load_state_dict(self, state: dict):
+        groups = state["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{len(groups)} parameter groups saved, {len(self.param_groups)} here")
+        for group, saved in zip(self.param_groups, groups):
+            group.update(saved)
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.state.clear()
+        for i, moments in state["state"].items():
+            p = params[int(i)]
+            for k in ("m", "v"):
+                if moments[k].shape != p.shape:
+                    raise ValueError(f"moment {k} of parameter {i} has shape {tuple(moments[k].shape)}, "
+                                     f"the parameter {tuple(p.shape)}")
+                self.state[p][k] = moments[k].to(device=p.device, dtype=p.dtype, copy=True)
+            if not self.fused:
+                self.state[p]["denom"] = torch.empty_like(p)
+
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
@@ -158,6 +183,13 @@ class LinearWarmupDecay:
 
     def step(self):
         self.t += 1
+        self._set_lrs()
+
+    def state_dict(self) -> dict:
+        return {"t": self.t}
+
+    def load_state_dict(self, state: dict):
+        self.t = int(state["t"])
         self._set_lrs()
 
     def get_last_lr(self):

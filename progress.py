@@ -72,18 +72,23 @@ class GridClock:
         """A run another worker trains: nothing left to do here."""
         self.plan[index] = (self.plan[index][0], 0)
 
-    def finished(self, index: int, train_seconds: float, total_seconds: float):
+    def finished(self, index: int, train_seconds: float, total_seconds: float, steps_timed: int | None = None):
+        """steps_timed: the steps the train_seconds were spent on, if not all of the run's (a run
+        that went on from a checkpoint)."""
         method, steps = self.plan[index]
         seconds_steps = self.timed.setdefault(method, [0.0, 0])
         seconds_steps[0] += train_seconds
-        seconds_steps[1] += steps
+        seconds_steps[1] += steps if steps_timed is None else steps_timed
         self.overheads.append(max(0.0, total_seconds - train_seconds))
 
-    def seconds_left(self, index: int, steps_done: int, run_seconds: float) -> float | None:
-        """None until there is a first speed to go by."""
+    def seconds_left(self, index: int, steps_done: int, run_seconds: float,
+                     steps_timed: int | None = None) -> float | None:
+        """None until there is a first speed to go by. run_seconds were spent on steps_timed of
+        the steps_done (all of them by default; fewer when the run went on from a checkpoint)."""
         method, steps = self.plan[index]
         known = {m: s / n for m, (s, n) in self.timed.items() if n}
-        now = run_seconds / steps_done if steps_done else None
+        timed = steps_done if steps_timed is None else steps_timed
+        now = run_seconds / timed if timed else None
         rates = list(known.values()) + ([now] if now else [])
         if not rates:
             return None

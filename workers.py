@@ -257,6 +257,12 @@ class SingleProcess:
     def decide(self, value):
         return value
 
+    def any(self, flags: list) -> list:
+        return list(flags)
+
+    def gather(self, obj) -> list:
+        return [obj]
+
     def barrier(self):
         pass
 
@@ -305,6 +311,19 @@ class DataParallel:
         box = [value]
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def any(self, flags: list) -> list:
+        """For each flag, whether it is true on any rank (all ranks get the answer)."""
+        import torch
+        t = torch.tensor([int(bool(f)) for f in flags], device=self.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return [bool(x) for x in t.tolist()]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self):
         self.dist.barrier()

@@ -57,6 +57,25 @@ class Regularizer:
     def after_step(self, model) -> None:
         """Called after each optimizer step (e.g. to update a moving-average teacher)."""
 
+    # A mid-run checkpoint (checkpoint.py) saves what a method changes while training, so that a
+    # stopped run goes on with the same bits. The defaults find it among the method's attributes:
+    # every torch.Generator (its random stream) and every nn.Module (SMART's teacher). A method
+    # that keeps other changing state overrides these.
+
+    def generators(self) -> dict:
+        """The method's own random streams by attribute name (saved per data-parallel rank)."""
+        return {name: g for name, g in vars(self).items() if isinstance(g, torch.Generator)}
+
+    def state_dict(self) -> dict:
+        """The weights of every module the method holds, by attribute name."""
+        return {name: m.state_dict() for name, m in vars(self).items() if isinstance(m, torch.nn.Module)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.state_dict()):
+            raise KeyError(f"method state {sorted(state)} is not {sorted(self.state_dict())}")
+        for name, module_state in state.items():
+            getattr(self, name).load_state_dict(module_state)
+
 
 class FineTune(Regularizer):
     """Plain fine-tuning (Devlin et al., 2019): the task loss alone."""

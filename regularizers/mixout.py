@@ -102,6 +102,6 @@ class Mixout(Regularizer):
 
     def setup(self, model, seed):
         device = next(model.parameters()).device
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-        apply_mixout(model, self.options.p, generator)
+        self.generator = torch.Generator(device=device)           # shared by every MixLinear
+        self.generator.manual_seed(seed)
+        apply_mixout(model, self.options.p, self.generator)
