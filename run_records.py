@@ -44,6 +44,13 @@ def seed_folder(seed: int) -> str:
     return f"seed{seed}"
 
 
+def settings_differences(old: dict, new: dict) -> list:
+    """'key: old there, new now' for every key of `new` whose value differs from `old`'s, values
+    compared as JSON (a tuple equals the list it was saved as)."""
+    as_json = lambda value: json.loads(json.dumps(value, default=str))
+    return [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in new.items() if as_json(old.get(k)) != as_json(v)]
+
+
 def write_json(path: Path, obj):
     """Write, then rename: a reader never sees half a file."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # one per process: never shared
@@ -57,8 +64,12 @@ class RunFiles:
 
     def __init__(self, run_dir: Path, writes: bool = True):
         self.dir, self.writes, self.log_file = Path(run_dir), writes, None
+        self.records = []                # the log so far, for a mid-run checkpoint
 
-    def start(self, config: dict):
+    def start(self, config: dict, records: list = ()):
+        """A new run, or with `records` (the log lines of a checkpoint) a run that goes on:
+        log.jsonl is rewritten to hold exactly those lines, and later lines follow them."""
+        self.records = list(records)
         if not self.writes:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -66,8 +77,12 @@ class RunFiles:
             (self.dir / stale).unlink(missing_ok=True)
         write_json(self.dir / "config.json", config)
         self.log_file = open(self.dir / "log.jsonl", "w", encoding="utf-8")
+        for record in self.records:
+            self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
 
     def log(self, record: dict):
+        self.records.append(record)
         if self.log_file is not None:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()

@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import sys
 import time
 import types
@@ -31,12 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import glue
 import optim
 import regularizers
 from progress import GridClock, StatusLine, format_seconds
 from bert.errors import InputError, existing_folder, folder_to_write
-from run_records import RunFiles, one_answer, parse_seeds, seed_folder, with_legacy_settings, write_json
+from run_records import (RunFiles, one_answer, parse_seeds, seed_folder, settings_differences,
+                         with_legacy_settings, write_json)
 from workers import Claim, DataParallel, SingleProcess, claim_run, describe_claim, local_index, read_claim, worker_name
 
 PAPER_MODEL = "bert-large-uncased-whole-word-masking"
@@ -167,6 +170,13 @@ def build_parser():
                    help="under torchrun: all ranks train each run together (DistributedDataParallel, the "
                         "--batch-size split across ranks); without it every rank is a worker of its own "
                         "on the shared grid (docs/CLUSTER.md)")
+    p.add_argument("--checkpoint-minutes", type=float, default=10, metavar="MIN",
+                   help="save a mid-run checkpoint (<run>/checkpoint.pt) every this many minutes; 0: only "
+                        "when stopped. Ctrl-C or SIGTERM (a SLURM pre-emption) always saves one at the end "
+                        "of the step; the same command then goes on from it, with the same bits on a CPU. "
+                        "It is removed when the run finishes")
+    p.add_argument("--checkpoint-steps", type=int, default=0, metavar="N",
+                   help="also save a checkpoint every this many steps (0: by time only)")
     p.add_argument("--log-every", type=int, default=20, help="write a log.jsonl line every N steps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true",
@@ -332,7 +342,8 @@ class Split:
 
 # Flags that do not change what a run computes.
 NOT_SETTINGS = ("method", "methods", "seed", "seeds", "output_dir", "threads", "log_every", "save_model",
-                "data_dir", "recipe", "dry_run", "claim_timeout", "data_parallel")
+                "data_dir", "recipe", "dry_run", "claim_timeout", "data_parallel", "checkpoint_minutes",
+                "checkpoint_steps")
 
 
 def run_settings(args, spec, method_name, seed) -> dict:
@@ -354,8 +365,7 @@ def check_finished_run(run_dir: Path, settings: dict):
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"{run_dir}: has results.json but no readable config.json; "
                          "delete the folder to run it again") from None
-    differ = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items()
-              if json.loads(json.dumps(old.get(k), default=str)) != json.loads(json.dumps(v, default=str))]
+    differ = settings_differences(old, settings)
     if differ:
         raise InputError(f"{run_dir} holds a finished run with other settings ({'; '.join(differ[:3])}); "
                          "use another --output-dir")
@@ -365,14 +375,18 @@ def quiet(phase, done, total, logged):
     """A report callback that shows nothing (see `Reporter`)."""
 
 
-def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, ranks=SingleProcess()):
+def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, ranks=SingleProcess(),
+              stop: checkpoint.StopRequest | None = None):
     """Fine-tune one model; write config.json, log.jsonl and results.json into run_dir.
 
     report(phase, done, total, logged) is called at every training step ("train"), before every
-    evaluation batch ("dev", "training") and before the files are written ("write"), with the last
-    logged loss, penalty and lr. `ranks` is
-    workers.SingleProcess, or workers.DataParallel when all torchrun ranks train this run: then
-    each rank trains on its share of every batch, and rank 0 alone evaluates and writes."""
+    evaluation batch ("dev", "training"), before a checkpoint or the files are written
+    ("checkpoint", "write") and once if the run goes on from a checkpoint ("resume", at its
+    step), with the last logged loss, penalty and lr. `ranks` is workers.SingleProcess, or
+    workers.DataParallel when all torchrun ranks train this run: then each rank trains on its
+    share of every batch, and rank 0 alone evaluates and writes. A run with a checkpoint.pt goes
+    on from it (checkpoint.py); with `stop` (a checkpoint.StopRequest), a signal makes it save a
+    checkpoint at the end of the step and raise checkpoint.RunStopped."""
     from bert.model import BertClassifier
 
     settings = run_settings(args, spec, method_name, seed)
@@ -383,9 +397,13 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     partial = len(train.input_ids) < len(data.train) or len(dev.input_ids) < len(data.dev)
     settings.update(n_train=len(train.input_ids), n_dev=len(dev.input_ids))
     device = data.device
+    saved = checkpoint.read(run_dir, settings)           # every rank reads; None for a new run
     files = RunFiles(run_dir, writes=ranks.is_main)
-    files.start({"settings": settings, "data_dir": args.data_dir, "device": str(device),
-                 "threads": torch.get_num_threads(), "versions": versions()})
+    config = {"settings": settings, "data_dir": args.data_dir, "device": str(device),
+              "threads": torch.get_num_threads(), "versions": versions()}
+    if saved:
+        config["resumed_at_steps"] = saved["loop"]["resumed_at_steps"] + [saved["step"]]
+    files.start(config, records=saved["log"] if saved else ())
     # A data-parallel run's ranks draw their own dropout masks and noise; one process keeps
     # the streams of a serial run.
     per_rank = () if ranks.world == 1 else (ranks.rank,)
@@ -399,75 +417,137 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     method = method_cls(options)
     model.bert.cls_only_last_layer = not method.reads_hidden_states
     method.setup(model, stream_seed(seed, "noise", *per_rank))
-    forward = ranks.wrap(model)          # the clean pass; DDP averages gradients over ranks
 
     steps_per_epoch = math.ceil(len(train.input_ids) / args.batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
     optimizer = optim.make_optimizer(model, args.optimizer, args.lr, args.weight_decay)
     scheduler = optim.LinearWarmupDecay(optimizer, total_steps, args.warmup)
     logged = {}                          # the last log line's loss, penalty and lr, for progress
-
-    model.train()
-    start, step, epoch = time.time(), 0, 0
     # Sums kept on the device and read every --log-every steps: no host sync per step.
     sum_loss = torch.zeros((), device=device)
     sum_penalty = torch.zeros((), device=device)
-    since_log = 0
-    while step < total_steps:
-        for batch in glue.batches(train, args.batch_size, seed=stream_seed(data_seed, "order"), epoch=epoch):
-            if step >= total_steps:
-                break
-            batch, weight = ranks.local_part(batch)          # the whole batch in one process
-            batch = to_device(batch, device)
-            if args.dropout_stream == "step":
-                # Dropout at step t depends on (seed, t) alone, not on how many masks the
-                # method drew before: ft and LNSR of one seed share every clean-pass mask
-                # below the last layer, and their scores can be compared seed by seed.
-                torch.manual_seed(stream_seed(seed, "dropout", step, *per_rank))
-            with autocast(device, settings["precision"]):
-                outputs = forward(*(batch[k] for k in MODEL_INPUTS))
-                loss = task_loss(outputs.logits, batch["labels"], spec.is_regression)
-                penalty = method.penalty(model, batch, outputs)
-            total = loss if penalty is None else loss + penalty
-            if weight != 1.0:                # a data-parallel rank's share of the batch mean
-                total = total * weight
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            method.after_step(model)
-            scheduler.step()
-            step += 1
-            since_log += 1
-            share = weight / ranks.world     # so that the sum over ranks is the batch's mean
-            sum_loss += loss.detach() * share if share != 1.0 else loss.detach()
-            if penalty is not None:
-                sum_penalty += penalty.detach() * share if share != 1.0 else penalty.detach()
-            if step % args.log_every == 0 or step == total_steps:
-                mean_loss = ranks.all_sum(sum_loss).item() / since_log
-                mean_penalty = ranks.all_sum(sum_penalty).item() / since_log
-                if not (math.isfinite(mean_loss) and math.isfinite(mean_penalty)):
-                    reason = (f"loss became {mean_loss} (penalty {mean_penalty}) by step {step}; "
-                              "try a smaller --lr or noise scale")
-                    files.fail(reason, step)
+    step, since_log, seconds_before, resumed_at = 0, 0, 0.0, []
+    if saved:                            # go on where the checkpoint left off
+        checkpoint.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler, method=method,
+                           ranks=ranks, device=device)
+        loop = saved["loop"]
+        step, since_log, seconds_before = saved["step"], loop["since_log"], loop["train_seconds"]
+        resumed_at, logged = loop["resumed_at_steps"] + [step], loop["logged"]
+        sum_loss.copy_(loop["sum_loss"])
+        sum_penalty.copy_(loop["sum_penalty"])
+        report("resume", step, total_steps, logged)
+    forward = ranks.wrap(model)          # the clean pass; DDP averages gradients over ranks
+    every = checkpoint.Schedule(args.checkpoint_minutes, args.checkpoint_steps)
+
+    def save_checkpoint():
+        report("checkpoint", step, total_steps, logged)      # this worker must still hold the run
+        loop = {"since_log": since_log, "sum_loss": sum_loss, "sum_penalty": sum_penalty,
+                "train_seconds": time.time() - start, "resumed_at_steps": resumed_at, "logged": logged}
+        state = checkpoint.capture(settings=settings, step=step, model=model, optimizer=optimizer,
+                                   scheduler=scheduler, method=method, ranks=ranks, device=device,
+                                   loop=loop, log=files.records)
+        if ranks.is_main:
+            checkpoint.save(run_dir, state)
+        every.saved()
+
+    model.train()
+    start = time.time() - seconds_before
+    epoch, position = divmod(step, steps_per_epoch)      # where the data order picks up
+    if stop is not None:
+        stop.training = True
+    try:
+        while step < total_steps:
+            plan = glue.batches(train, args.batch_size, seed=stream_seed(data_seed, "order"), epoch=epoch)
+            for batch in plan[position:]:
+                if step >= total_steps:
+                    break
+                batch, weight = ranks.local_part(batch)          # the whole batch in one process
+                batch = to_device(batch, device)
+                if args.dropout_stream == "step":
+                    # Dropout at step t depends on (seed, t) alone, not on how many masks the
+                    # method drew before: ft and LNSR of one seed share every clean-pass mask
+                    # below the last layer, and their scores can be compared seed by seed.
+                    torch.manual_seed(stream_seed(seed, "dropout", step, *per_rank))
+                with autocast(device, settings["precision"]):
+                    outputs = forward(*(batch[k] for k in MODEL_INPUTS))
+                    loss = task_loss(outputs.logits, batch["labels"], spec.is_regression)
+                    penalty = method.penalty(model, batch, outputs)
+                total = loss if penalty is None else loss + penalty
+                if step == 0 and not torch.isfinite(total):      # one look at step 1: a bad input
+                    reason = first_step_problem(model, batch, loss, penalty, method_name, options)
+                    files.fail(reason, 1)
                     raise RunFailed(reason)
-                lr = scheduler.get_last_lr()[0]
-                files.log({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": mean_loss,
-                           "penalty": mean_penalty, "lr": lr, "elapsed": round(time.time() - start, 2)})
-                logged = {"loss": f"{mean_loss:.4f}", "penalty": f"{mean_penalty:.4g}", "lr": f"{lr:.2e}"}
-                sum_loss.zero_()
-                sum_penalty.zero_()
-                since_log = 0
-            report("train", step, total_steps, logged)
-        epoch += 1
+                if weight != 1.0:                # a data-parallel rank's share of the batch mean
+                    total = total * weight
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                method.after_step(model)
+                scheduler.step()
+                step += 1
+                since_log += 1
+                share = weight / ranks.world     # so that the sum over ranks is the batch's mean
+                sum_loss += loss.detach() * share if share != 1.0 else loss.detach()
+                if penalty is not None:
+                    sum_penalty += penalty.detach() * share if share != 1.0 else penalty.detach()
+                log_step = step % args.log_every == 0 or step == total_steps
+                if log_step:
+                    mean_loss = ranks.all_sum(sum_loss).item() / since_log
+                    mean_penalty = ranks.all_sum(sum_penalty).item() / since_log
+                    if not (math.isfinite(mean_loss) and math.isfinite(mean_penalty)):
+                        reason = (f"loss became {mean_loss} (penalty {mean_penalty}) by step {step}; "
+                                  "try a smaller --lr or noise scale")
+                        files.fail(reason, step)
+                        checkpoint.remove(run_dir)       # retrying starts over, not from a bad state
+                        raise RunFailed(reason)
+                    lr = scheduler.get_last_lr()[0]
+                    files.log({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": mean_loss,
+                               "penalty": mean_penalty, "lr": lr, "elapsed": round(time.time() - start, 2)})
+                    logged = {"loss": f"{mean_loss:.4f}", "penalty": f"{mean_penalty:.4g}", "lr": f"{lr:.2e}"}
+                    sum_loss.zero_()
+                    sum_penalty.zero_()
+                    since_log = 0
+                report("train", step, total_steps, logged)
+                # One process looks at every step; the ranks of a data-parallel run agree at the
+                # log steps, where they meet anyway.
+                if ranks.world == 1 or log_step:
+                    stopping, due = ranks.any([stop is not None and stop.requested, every.due(step)])
+                    if stopping or due:
+                        save_checkpoint()
+                    if stopping:
+                        raise checkpoint.RunStopped(stop.signum or signal.SIGTERM, step, total_steps,
+                                                    checkpoint.path_of(run_dir))
+            epoch, position = epoch + 1, 0
+    finally:
+        if stop is not None:
+            stop.training = False
     files.close()
     train_seconds = time.time() - start
     if not ranks.is_main:                # rank 0 evaluates the whole dev set and writes
         ranks.barrier()
         return None
 
-    dev_predictions = predict(model, dev, args.eval_batch_size, device, settings["precision"],
-                              on_batch=lambda i, n: report("dev", i, n, logged))
+    def on_eval_batch(phase, i, n):
+        # A signal while one process evaluates: the trained state is saved, so that the run goes
+        # on with its evaluation (a data-parallel run goes on from its last checkpoint instead).
+        if stop is not None and stop.requested and ranks.world == 1:
+            save_checkpoint()
+            raise checkpoint.RunStopped(stop.signum, step, total_steps, checkpoint.path_of(run_dir))
+        report(phase, i, n, logged)
+
+    if stop is not None:
+        stop.training = True
+    try:
+        dev_predictions = predict(model, dev, args.eval_batch_size, device, settings["precision"],
+                                  on_batch=lambda i, n: on_eval_batch("dev", i, n))
+        train_predictions = None
+        if args.eval_train:
+            train_predictions = predict(model, train, args.eval_batch_size, device, settings["precision"],
+                                        on_batch=lambda i, n: on_eval_batch("training", i, n))
+    finally:
+        if stop is not None:
+            stop.training = False
     dev_metrics = glue.compute_metrics(spec.name, dev_predictions, dev.labels)
     results = {"task": spec.name, "method": method_name, "seed": seed, "metric": spec.main_metric,
                "dev": dev_metrics, "dev_predictions": prediction_spread(dev_predictions, spec.is_regression),
@@ -476,16 +556,33 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
                "partial": partial,
                "max_train_samples": args.max_train_samples, "train_fraction": args.train_fraction,
                "max_eval_samples": args.max_eval_samples, "method_options": settings["method_options"]}
-    if args.eval_train:
-        train_predictions = predict(model, train, args.eval_batch_size, device, settings["precision"],
-                                    on_batch=lambda i, n: report("training", i, n, logged))
+    if train_predictions is not None:
         results["train"] = glue.compute_metrics(spec.name, train_predictions, train.labels)
     report("write", 0, 1, logged)           # last check that this worker still holds the run
     if args.save_model:
         model.save_pretrained(run_dir / "model", tokenizer=data.tokenizer, label_names=spec.label_names)
     files.finish(results, dev_predictions)
+    checkpoint.remove(run_dir)
     ranks.barrier()
     return results
+
+
+def first_step_problem(model, batch, loss, penalty, method_name, options) -> str:
+    """Which input made the first step's loss non-finite: before any update, the weights, the
+    labels or the method's options are to blame, not the learning rate."""
+    bad = lambda t: not bool(torch.isfinite(t).all())
+    if bad(loss):
+        weights = [name for name, p in model.named_parameters() if bad(p)]
+        if weights:
+            return (f"the task loss is {loss.item()} at step 1: the model's weights hold NaN or inf "
+                    f"({', '.join(weights[:3])}{', ...' if len(weights) > 3 else ''}); check the checkpoint")
+        if bad(batch["labels"].float()):
+            return f"the task loss is {loss.item()} at step 1: a label of the first batch is NaN or inf"
+        return (f"the task loss is {loss.item()} at step 1 with finite weights and labels: the model's "
+                "activations overflow (check --precision and the checkpoint)")
+    values = dataclasses.asdict(options) if options is not None else {}
+    return (f"the {method_name} penalty is {penalty.item()} at step 1 (the task loss is {loss.item():.4f}): "
+            f"its options ({', '.join(f'{k}={v}' for k, v in values.items())}) make it overflow")
 
 
 class RunFailed(Exception):
@@ -696,6 +793,8 @@ def check_args(args):
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     if args.claim_timeout <= 0:
         raise InputError(f"--claim-timeout must be > 0, got {args.claim_timeout}")
+    if args.checkpoint_minutes < 0 or args.checkpoint_steps < 0:
+        raise InputError("--checkpoint-minutes and --checkpoint-steps must be >= 0 (0: off)")
 
 
 class Reporter:
@@ -707,30 +806,38 @@ class Reporter:
         self.start = time.time()
         self.train_seconds = 0.0
         self.steps = 0
+        self.first_step = 0                  # > 0 when the run went on from a checkpoint
 
     def __call__(self, phase, done, total, logged):
         if self.claim is not None:
             self.claim.progress()            # the heartbeat goes on only while the run moves
-            if self.claim.lost or (phase == "write" and not self.claim.owned()):
+            writes = phase in ("write", "checkpoint")
+            if self.claim.lost or (writes and not self.claim.owned()):
                 raise RunAbandoned("another worker took it over; this worker writes nothing more to it")
-        if phase == "write":
+        if phase in ("write", "checkpoint"):
+            return
+        if phase == "resume":
+            self.first_step = self.steps = done
+            self.status.say(f"{self.label} goes on from its checkpoint at step {done}/{total}")
             return
         elapsed = time.time() - self.start
         if phase == "train":
             self.train_seconds, self.steps = elapsed, done
             text = f"{self.label} step {done}/{total}" + "".join(f" {k} {v}" for k, v in logged.items())
-            force = done == 1 or done == total
+            force = done == self.first_step + 1 or done == total
         else:
             text = f"{self.label} evaluating the {phase} set: batch {done + 1}/{total}"
             force = done == 0
-        left = self.clock.seconds_left(self.index, self.steps, self.train_seconds)
+        left = self.clock.seconds_left(self.index, self.steps, self.train_seconds,
+                                       steps_timed=self.steps - self.first_step)
         text += f" | elapsed {format_seconds(elapsed)}" + (
             f", all runs done in about {format_seconds(left)}" if left is not None else "")
         self.status.status(text, force)
 
     def finished(self, train_seconds):
         self.status.end()
-        self.clock.finished(self.index, train_seconds, time.time() - self.start)
+        self.clock.finished(self.index, self.train_seconds, time.time() - self.start,
+                            steps_timed=self.steps - self.first_step)
 
 
 class RunAbandoned(Exception):
@@ -740,9 +847,10 @@ class RunAbandoned(Exception):
 class Grid:
     """The runs of one command, each claimed, trained or skipped by `train_or_skip`."""
 
-    def __init__(self, args, spec, data, todo, ranks, status, clock, started):
+    def __init__(self, args, spec, data, todo, ranks, status, clock, started, stop=None):
         self.args, self.spec, self.data, self.todo = args, spec, data, todo
         self.ranks, self.status, self.clock, self.started = ranks, status, clock, started
+        self.stop = stop                     # a checkpoint.StopRequest: signals save and stop the run
         self.trained, self.failed, self.others = [], 0, 0
 
     def train_or_skip(self, i) -> str:
@@ -767,7 +875,11 @@ class Grid:
         mine = claim if isinstance(claim, Claim) and self.ranks.world == 1 else None
         report = Reporter(self.status, self.clock, i, f"[{name}]", mine)
         try:
-            r = train_one(method_args, self.spec, method_name, seed, self.data, run_dir, report, self.ranks)
+            r = train_one(method_args, self.spec, method_name, seed, self.data, run_dir, report, self.ranks,
+                          self.stop)
+        except (checkpoint.RunStopped, InputError):
+            self.status.end()
+            raise                            # the run stays unfinished, to go on next time
         except RunFailed as e:
             self.status.say(f"run failed: {e}")
             self.failed += 1
@@ -817,6 +929,17 @@ def planned_steps(args, n_train_full: int) -> int:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    stop = checkpoint.StopRequest()
+    if not args.dry_run:
+        stop.install()
+    try:
+        return run_command(args, argv, stop)
+    finally:
+        stop.uninstall()
+
+
+def run_command(args, argv, stop) -> int:
+    """main() with the signal handlers in place: the exit status."""
     status = StatusLine()
     try:
         check_args(args)
@@ -859,14 +982,18 @@ def main(argv=None):
         for i, (m, folder, method_args, s) in enumerate(runs):
             run_dir = Path(args.output_dir) / spec.name / folder / seed_folder(s)
             finished = (run_dir / "results.json").exists()
+            saved = None
             if finished:
                 check_finished_run(run_dir, run_settings(method_args, spec, m, s))
             else:
                 todo.append(i)
+                # A checkpoint this run cannot use stops the command now, not hours into the grid.
+                saved = checkpoint.read(run_dir, run_settings(method_args, spec, m, s))
             if args.dry_run:
                 held = None if finished else read_claim(run_dir)
+                state = "to run" + (f", from its checkpoint at step {saved['step']}" if saved else "")
                 print(f"{run_dir}: " + ("finished, same settings" if finished else
-                                        f"to run ({describe_claim(held)})" if held else "to run"))
+                                        f"{state} ({describe_claim(held)})" if held else state))
         if args.dry_run:
             print(f"{len(runs)} runs, {len(todo)} to run (dry run: nothing was trained)", file=sys.stderr)
             return 0
@@ -887,7 +1014,7 @@ def main(argv=None):
             method_cls, options = method_options(m, args)
             method_cls(options).check(data.pretrained.config)
         clock = GridClock([(m, planned_steps(a, len(data.train))) for m, _, a, _ in todo])
-        grid = Grid(args, spec, data, todo, ranks, status, clock, started=time.time())
+        grid = Grid(args, spec, data, todo, ranks, status, clock, started=time.time(), stop=stop)
         pending = list(range(len(todo)))
         while pending:
             # Runs that live workers hold are visited again until they are finished, or taken
@@ -908,11 +1035,15 @@ def main(argv=None):
         status.end()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except checkpoint.RunStopped as e:
+        status.end()
+        print(f"\n{e}; the same command goes on from there", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         status.end()
-        print("\ninterrupted: finished runs are kept; run the same command again to resume",
-              file=sys.stderr)
-        return 130
+        print("\ninterrupted: finished runs and saved checkpoints are kept; the same command goes on "
+              "from there", file=sys.stderr)
+        return 128 + (stop.signum or signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,19 @@ def round_to_tf32(x):
     """fp32 -> the nearest value with TF32's 10 mantissa bits (what a tensor core reads)."""
     bits = x.float().contiguous().view(torch.int32)
     return ((bits + 0x1000) & -0x2000).view(torch.float32)         # drop the low 13 of 23 bits
+
+
+def tiny_checkpoint(folder, num_layers=2, seed=0):
+    """A tiny random BERT saved in Hugging Face layout with the embedded MiniLM's tokenizer, for
+    train.py runs whose steps take milliseconds (`--model folder`)."""
+    from bert.hub import EMBEDDED, resolve
+    from bert.tokenizer import Tokenizer
+    tokenizer_dir = resolve(EMBEDDED)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=Tokenizer.from_dir(tokenizer_dir).vocab_size, hidden_size=32,
+                        num_hidden_layers=num_layers, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64)
+    model = BertClassifier(config, num_labels=2)
+    init_weights(model, 0.2)
+    model.save_pretrained(folder, tokenizer=Tokenizer.from_dir(tokenizer_dir))
+    return folder
