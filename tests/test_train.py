@@ -103,14 +103,40 @@ def test_grid_writes_every_run_and_resumes(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
-def test_non_finite_loss_marks_the_run_failed(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "task_loss", lambda logits, labels, reg: logits.sum() * float("nan"))
+def test_a_loss_that_diverges_marks_the_run_failed(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def diverging_loss(logits, labels, regression):
+        calls.append(1)
+        return logits.sum() * (float("nan") if len(calls) > 1 else 0.0)   # finite at step 1 only
+
+    monkeypatch.setattr(train, "task_loss", diverging_loss)
     assert run(tmp_path, "--method", "ft", "--seed", "1") == 1
     d = tmp_path / "runs" / "RTE" / "ft" / "seed1"
     assert not (d / "results.json").exists()
     failed = json.loads((d / "failed.json").read_text())
-    assert failed["status"] == "failed" and "nan" in failed["reason"]
-    assert "run failed: loss became nan" in capsys.readouterr().err
+    assert failed["status"] == "failed" and failed["step"] == 2 and "nan" in failed["reason"]
+    assert "run failed: loss became nan (penalty 0.0) by step 2; try a smaller --lr" in capsys.readouterr().err
+
+
+def test_a_loss_that_is_not_finite_at_step_1_names_the_input_to_blame(tmp_path, capsys):
+    """Before the first update the learning rate cannot be the cause: the message says which
+    input is (the weights, the labels, the method's options) instead of advising a smaller lr."""
+    from safetensors.torch import load_file, save_file
+    model_dir = tiny.tiny_checkpoint(tmp_path / "model")
+    weights = load_file(model_dir / "model.safetensors")
+    weights["bert.embeddings.LayerNorm.weight"][0] = float("nan")
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    assert run(tmp_path, "--method", "ft", "--model", str(model_dir), out="poisoned") == 1
+    err = capsys.readouterr().err
+    assert "the task loss is nan at step 1: the model's weights hold NaN or inf " \
+           "(bert.embeddings.layer_norm.weight); check the checkpoint" in err, err
+    assert "smaller --lr" not in err
+    # A finite but enormous noise scale: the penalty overflows, and its options are named.
+    assert run(tmp_path, "--method", "lnsr", "--lnsr-sigma", "1e300", out="overflow") == 1
+    failed = json.loads((tmp_path / "overflow" / "RTE" / "lnsr" / "seed1" / "failed.json").read_text())
+    assert failed["step"] == 1 and failed["reason"].startswith("the lnsr penalty is nan at step 1")
+    assert "sigma=1e+300" in failed["reason"] and "smaller --lr" not in failed["reason"]
 
 
 @pytest.mark.parametrize("args, message", [
