@@ -40,6 +40,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -228,6 +229,8 @@ def cmd_noise_stability(argv):
 
     if not args.model and not args.run:
         raise InputError("noise-stability: give --model (pretrained), --run (fine-tuned), or both")
+    if not math.isfinite(args.noise_ratio):              # float() reads 'nan' and 'inf' too
+        raise InputError(f"--noise-ratio must be a finite number, got {args.noise_ratio}")
     if args.noise_ratio <= 0:
         raise InputError(f"--noise-ratio must be > 0, got {args.noise_ratio}")
     if args.seed < 0:

@@ -193,6 +193,8 @@ def test_noise_stability_png_is_a_real_png(tmp_path):
     (["--model", "./no-such-model"], "folder not found"),
     (["--run", "nowhere"], "not a run folder"),
     (["--model", "minilm-l6", "--task", "rte", "--noise-ratio", "0"], "--noise-ratio must be > 0"),
+    (["--model", "minilm-l6", "--task", "rte", "--noise-ratio", "nan"], "--noise-ratio must be a finite number"),
+    (["--model", "minilm-l6", "--task", "rte", "--noise-ratio", "inf"], "--noise-ratio must be a finite number"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert evaluate.main(["noise-stability", *args]) == 2
