@@ -156,6 +156,60 @@ def test_nan_epochs_in_a_real_process_is_one_line_before_any_work(tmp_path):
     assert done.stdout == "" and tree(tmp_path) == []
 
 
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder in which this process cannot create a file, root included: permission bits for
+    other users; for root, who writes past them, the immutable attribute (chattr +i)."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    else:
+        try:
+            made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        except OSError:
+            made = False
+        if not made:
+            pytest.skip("cannot make a folder unwritable for root here (chattr +i is not available)")
+        undo = ["chattr", "-i", str(folder)]
+    try:
+        (folder / "probe").touch()
+        (folder / "probe").unlink()
+        subprocess.run(undo, check=True)
+        pytest.skip(f"{folder} stayed writable")
+    except PermissionError:
+        pass
+    yield folder
+    subprocess.run(undo, check=True)
+
+
+@pytest.mark.parametrize("output_dir, message", [
+    ("readonly", "--output-dir readonly: cannot write in this folder"),
+    ("readonly/runs/sweep", "--output-dir readonly/runs/sweep: cannot create it in readonly"),
+])
+def test_an_unwritable_output_folder_is_one_line_before_any_work(unwritable_folder, monkeypatch, capsys,
+                                                                 output_dir, message):
+    monkeypatch.chdir(unwritable_folder.parent)
+    before = tree(unwritable_folder.parent)
+    assert train.main(["--task", "rte", "--dry-run", "--output-dir", output_dir]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1 and lines[0].startswith(f"error: {message} ("), lines
+    assert tree(unwritable_folder.parent) == before
+
+
+def test_an_unwritable_output_folder_in_a_real_process_is_one_line_before_any_work(unwritable_folder):
+    """Not a dry run: the model and the data once loaded, then claiming the first run failed in a
+    page of tracebacks."""
+    before = tree(unwritable_folder.parent)
+    done = run_in(unwritable_folder.parent, "--task", "rte", "--model", "minilm-l6", "--output-dir", "readonly")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --output-dir readonly: cannot write in this folder")
+    assert done.stdout == "" and tree(unwritable_folder.parent) == before
+
+
 def test_offline_with_nothing_here_is_one_message_exit_2_and_creates_nothing(tmp_path):
     """A real process, with the caches pointed into tmp_path and the network closed: one message
     names the model and the data, and the command that works without a network."""
