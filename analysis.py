@@ -40,6 +40,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -203,7 +204,10 @@ def noise_stability_parser():
     p.add_argument("--model", help="pretrained checkpoint: folder, Hub id or preset (minilm-l6, ...)")
     p.add_argument("--run", help="a run folder saved with train.py --save-model (uses <run>/model)")
     p.add_argument("--task", help="GLUE task whose sentences are fed (default: the run's task)")
-    p.add_argument("--split", default="dev", help="split to feed (default: dev; labels are not needed)")
+    splits = split_names()
+    p.add_argument("--split", default="dev", type=str.lower, choices=splits, metavar="SPLIT",
+                   help="split to feed: " + ", ".join(splits) + " (the task must have it; MNLI's dev and "
+                        "test are its matched ones; default: dev; labels are not needed)")
     p.add_argument("--data-dir", default=None, help="GLUE data folder (default: the run's, or $GLUE_DIR or data/glue)")
     p.add_argument("--max-samples", type=int, default=None,
                    help="measure on a seeded random subset of this many examples (train.py's dev subset)")
@@ -215,8 +219,18 @@ def noise_stability_parser():
                         "(the paper's Figure 1: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--output-dir", default=None, help="default: runs/noise_stability/<task>")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when available (default: auto)")
     return p
+
+
+def split_names() -> list:
+    """Every split name and alias of the GLUE tasks, in the order the tasks list them."""
+    from glue.tasks import TASKS
+    names = {}
+    for spec in TASKS.values():
+        names.update(dict.fromkeys([*spec.splits, *spec.aliases]))
+    return list(names)
 
 
 def cmd_noise_stability(argv):
@@ -228,6 +242,8 @@ def cmd_noise_stability(argv):
 
     if not args.model and not args.run:
         raise InputError("noise-stability: give --model (pretrained), --run (fine-tuned), or both")
+    if not math.isfinite(args.noise_ratio):              # float() reads 'nan' and 'inf' too
+        raise InputError(f"--noise-ratio must be a finite number, got {args.noise_ratio}")
     if args.noise_ratio <= 0:
         raise InputError(f"--noise-ratio must be > 0, got {args.noise_ratio}")
     if args.seed < 0:

@@ -355,7 +355,7 @@ def read_selected_runs(args):
     return runs
 
 
-def cmd_summarize(argv):
+def summarize_parser():
     p = argparse.ArgumentParser(prog="evaluate.py summarize",
                                 description="Mean, std, median, min, max and Welch p-values over seeds.")
     p.add_argument("dir", nargs="+", help="one or more folders of runs (train.py --output-dir), read as one collection")
@@ -367,7 +367,11 @@ def cmd_summarize(argv):
                    help="also the task loss and the penalty at the first and last logged step (log.jsonl), "
                         "averaged over seeds: how strong a regularizer is next to the loss it is added to")
     add_seeds_flag(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def cmd_summarize(argv):
+    args = summarize_parser().parse_args(argv)
     runs = read_selected_runs(args)
     table = summarize(runs, args.baseline)
     if args.json:
@@ -400,8 +404,7 @@ def score_groups(runs):
     return {t: {m: groups[t][m] for m in method_order(groups[t])} for t in tasks}
 
 
-def cmd_boxplot(argv):
-    import analysis
+def boxplot_parser():
     p = argparse.ArgumentParser(prog="evaluate.py boxplot",
                                 description="Figure 2 of Hua et al.: per task, a box plot of the main dev "
                                             "metric over seeds for each method (rows as in summarize).")
@@ -410,7 +413,12 @@ def cmd_boxplot(argv):
     p.add_argument("--output", default=None, help="PNG file (default: <first dir>/boxplot.png)")
     p.add_argument("--title", default="", help="a title over the plot")
     add_seeds_flag(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def cmd_boxplot(argv):
+    import analysis
+    args = boxplot_parser().parse_args(argv)
     try:
         analysis.pyplot()
     except ImportError:
@@ -427,21 +435,36 @@ def cmd_boxplot(argv):
 
 # ----------------------------------------------------------------------------- one run
 
-def cmd_run(argv):
+def run_parser():
+    # The usage lists the subcommands too: `python evaluate.py` alone shows every way to call it.
     p = argparse.ArgumentParser(
         prog="evaluate.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [-h] RUN_DIR [--split {dev,test}] [--data-dir DATA_DIR] [--batch-size BATCH_SIZE]\n"
+              "                   [--device {auto,cpu,cuda}]\n"
+              "       %(prog)s summarize DIR [DIR ...] [--json] [--baseline BASELINE] [--per-run] [--losses]\n"
+              "                   [--seeds SEEDS]\n"
+              "       %(prog)s boxplot DIR [DIR ...] [--output OUTPUT] [--title TITLE] [--seeds SEEDS]\n"
+              "       %(prog)s noise-stability [--model MODEL] [--run RUN] [--task TASK] [options]\n"
+              "       %(prog)s SUBCOMMAND --help",
         description="Re-evaluate a run saved with train.py --save-model (below), or one of:\n"
                     "  summarize DIR...     Table 1: mean, std, max over seeds, Welch and paired p-values\n"
                     "  boxplot DIR          Figures 2 and 5: score distributions per task (matplotlib)\n"
                     "  noise-stability      Figure 1: how injected noise spreads through the layers\n"
                     "`python evaluate.py SUBCOMMAND --help` explains each.")
-    p.add_argument("run_dir", help="a run folder (<output-dir>/<task>/<method>/seed<N>)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (<output-dir>/<task>/<method>/seed<N>)")
     p.add_argument("--split", choices=["dev", "test"], default="dev",
                    help="dev: print the metrics; test: write GLUE predictions into <run>/predictions")
     p.add_argument("--data-dir", default=None, help="GLUE data folder (default: the run's own setting)")
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default: 64)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when available (default: auto)")
+    return p
+
+
+def cmd_run(argv):
+    p = run_parser()
+    if not argv:
+        p.error(f"give a run folder, or a subcommand: {', '.join(SUBCOMMANDS)}")
     args = p.parse_args(argv)
     if args.data_dir is not None:
         existing_folder(args.data_dir, "--data-dir")

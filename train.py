@@ -295,6 +295,9 @@ def parse_methods(text: str) -> list:
                 settings[key] = VARIANT_SETTINGS[key](value)
             except ValueError:
                 raise InputError(f"--methods: {key} in {item!r} is not a number") from None
+            if not math.isfinite(settings[key]):
+                raise InputError(f"--methods: {key} in {item!r} must be a finite number, "
+                                 f"got {settings[key]}")
         methods.append((name, settings))
     if len({variant_name(n, s) for n, s in methods}) != len(methods):
         raise InputError(f"--methods: {text!r} names a method twice")
@@ -767,7 +770,30 @@ def default_model(device) -> tuple:
                       f"BERT-Large; --model {PAPER_MODEL} asks for that")
 
 
+def flag_of(dest: str) -> str:
+    """The command-line flag of an argparse dest: max_grad_norm -> --max-grad-norm,
+    lnsr__relative_sigma (a method option) -> --lnsr-relative-sigma."""
+    return "--" + dest.replace("__", "-").replace("_", "-")
+
+
+def check_finite_numbers(args):
+    """argparse's float() reads 'nan', 'inf' and '-inf'; no setting of a run means either, and a
+    NaN passes every range check below (every comparison with it is false)."""
+    for dest, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{flag_of(dest)} must be a finite number, got {value}")
+
+
+def check_method_flags(args):
+    """Every method's flags, also those of methods this command does not run: a value that one
+    method would refuse is refused whichever methods run (its options check it)."""
+    for name in regularizers.METHODS:
+        method_options(name, args)
+
+
 def check_args(args):
+    check_finite_numbers(args)
+    check_method_flags(args)
     folder_to_write(args.output_dir, "--output-dir")
     if args.data_dir is not None:         # read from, or downloaded into: it must be there
         existing_folder(args.data_dir, "--data-dir")

@@ -53,6 +53,7 @@ noise only: no sigma measurably beat plain fine-tuning there, and 0.001 and abov
 "sum" the penalty grows with the number of tokens, the width H and the number of layers, so for
 BERT-Large it is not a tuned value. Run LNSR in fp32: bf16 and TF32 round such noise away.
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +95,8 @@ class LNSROptions:
             self.lambdas = [float(w) for w in str(self.weights).split(",")]
         except ValueError:
             raise InputError(f"--lnsr-weights: expected numbers separated by commas, got {self.weights!r}") from None
+        if not all(math.isfinite(w) for w in self.lambdas):     # float() reads 'nan' and 'inf'
+            raise InputError(f"--lnsr-weights must be finite numbers, got {self.weights}")
         if any(w < 0 for w in self.lambdas):
             raise InputError(f"--lnsr-weights must be >= 0, got {self.weights}")
 

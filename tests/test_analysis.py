@@ -3,6 +3,7 @@ the files and plots of `evaluate.py noise-stability` and `boxplot`, and summarie
 few-sample fractions (Figure 4), injection layers (Figure 5) and train/eval gaps (Table 3)."""
 import csv
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -178,9 +179,21 @@ def test_noise_stability_command_writes_csv_and_json(tmp_path, monkeypatch, caps
     assert got == [pytest.approx(att.absolute[k, k:].tolist(), rel=1e-6) for k in range(4)]
 
 
+def requirement_names(path: Path) -> set:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {re.split(r"[<>=!~ \[]", line)[0].lower() for line in lines if line and not line.startswith("-")}
+
+
+def test_matplotlib_is_needed_by_the_tests_and_not_to_train_or_evaluate():
+    """The tests install it (no plot test skips for want of it); a run without it only misses
+    the figures, with one line that says how to get them (the tests above and below)."""
+    root = Path(__file__).resolve().parents[1]
+    assert "matplotlib" in requirement_names(root / "requirements-test.txt")
+    assert "matplotlib" not in requirement_names(root / "requirements.txt")
+
+
 @needs_glue
 def test_noise_stability_png_is_a_real_png(tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra")
     ckpt = save_tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "out"
     assert evaluate.main(["noise-stability", "--model", str(ckpt), "--task", "rte", "--data-dir", str(GLUE_DIR),
@@ -193,6 +206,8 @@ def test_noise_stability_png_is_a_real_png(tmp_path):
     (["--model", "./no-such-model"], "folder not found"),
     (["--run", "nowhere"], "not a run folder"),
     (["--model", "minilm-l6", "--task", "rte", "--noise-ratio", "0"], "--noise-ratio must be > 0"),
+    (["--model", "minilm-l6", "--task", "rte", "--noise-ratio", "nan"], "--noise-ratio must be a finite number"),
+    (["--model", "minilm-l6", "--task", "rte", "--noise-ratio", "inf"], "--noise-ratio must be a finite number"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert evaluate.main(["noise-stability", *args]) == 2
@@ -271,7 +286,6 @@ def test_box_plot_groups_and_png(tmp_path, monkeypatch, capsys):
         m.setitem(sys.modules, "matplotlib", None)
         assert evaluate.main(["boxplot", str(tmp_path), "--output", str(out)]) == 2
         assert "pip install matplotlib" in capsys.readouterr().err and not out.exists()
-    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra")
     assert evaluate.main(["boxplot", str(tmp_path), "--output", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC
     width, height = struct.unpack(">II", out.read_bytes()[16:24])       # the PNG's IHDR chunk

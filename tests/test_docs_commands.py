@@ -165,7 +165,6 @@ def test_figure_commands_run(at_repository_root, tmp_path, capsys):
     """boxplot and noise-stability for real (outputs to a temporary folder, noise-stability on a
     few examples); noise-stability on a fine-tuned run needs the --save-model run made by a
     train.py command earlier in the same report."""
-    pytest.importorskip("matplotlib", reason="the figures need matplotlib (optional)")
     report_commands = commands(ROOT / "docs" / "RESULTS.md")
     saved_runs = set()
     for argv in report_commands:

@@ -273,3 +273,42 @@ def test_collapsed_runs_are_labelled_in_every_summarize_table(tmp_path, capsys):
             lnsr_rows = [line for line in block.splitlines() if "| lnsr" in line]
             assert lnsr_rows and all("(1/3 runs collapsed to one answer)" in line for line in lnsr_rows), block
         assert "| ft (" not in out                                    # ft is not marked
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def parsers():
+    import analysis
+    return {"": evaluate.run_parser(), "summarize": evaluate.summarize_parser(),
+            "boxplot": evaluate.boxplot_parser(), "noise-stability": analysis.noise_stability_parser()}
+
+
+def test_evaluate_alone_shows_every_subcommand_in_its_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    usage, error = err.split("\nevaluate.py: error: ")
+    assert usage.startswith("usage: evaluate.py [-h] RUN_DIR")
+    for sub in evaluate.SUBCOMMANDS:
+        assert f"evaluate.py {sub} " in usage
+        assert sub in error
+    # The usage is written by hand: it must name every option the parsers know.
+    forms = {}                                       # subcommand ("" for a run folder) -> its usage
+    for form in usage.split("evaluate.py ")[1:]:
+        first = form.split()[0]
+        forms["" if first.startswith("[") else first] = form
+    for sub in ("", "summarize", "boxplot"):
+        for action in parsers()[sub]._actions:
+            for flag in action.option_strings[:1]:
+                assert flag in forms[sub] or flag == "-h", (sub, flag)   # SUBCOMMAND --help is a line
+
+
+def test_every_option_of_every_subcommand_has_help_and_splits_are_listed():
+    for sub, parser in parsers().items():
+        for action in parser._actions:
+            assert action.help, (sub, action.option_strings or action.dest)
+    assert parsers()[""]._option_string_actions["--split"].choices == ["dev", "test"]
+    split = parsers()["noise-stability"]._option_string_actions["--split"]
+    assert {"train", "dev", "test", "dev_matched", "dev_mismatched"} <= set(split.choices)
+    assert all(name in split.help for name in split.choices)

@@ -102,6 +102,114 @@ def test_a_bad_flag_is_one_line_exit_2_before_any_work(tmp_path, monkeypatch, ca
     assert tree(tmp_path) == before
 
 
+# Every flag that argparse reads with float(), the methods' own --<method>-<option> flags included:
+# float() also reads 'nan', 'inf' and '-inf', which pass every range check (NaN compares false).
+FLOAT_FLAGS = sorted(a.option_strings[0] for a in train.build_parser()._actions if a.type is float)
+FLOAT_SETTINGS = sorted(k for k, t in train.VARIANT_SETTINGS.items() if t is float)   # ft:lr=...
+
+
+def test_the_float_flags_are_found():
+    assert {"--epochs", "--lr", "--warmup", "--weight-decay", "--max-grad-norm", "--train-fraction",
+            "--claim-timeout", "--lnsr-sigma", "--lnsr-relative-sigma", "--mixout-p", "--smart-mu",
+            "--l2sp-alpha", "--noise-sigma", "--r3f-eps"} <= set(FLOAT_FLAGS)
+    assert FLOAT_SETTINGS == ["epochs", "lr", "warmup", "weight_decay"]
+
+
+def refused_in_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    """train.main(argv) in an empty folder, as a --dry-run (which would exit 0 if the value got
+    through): exit 2, the one line `error: message`, nothing created."""
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--task", "rte", "--dry-run", "--output-dir", "out", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip().splitlines() == [f"error: {message}"]
+    assert tree(tmp_path) == []
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+def test_every_float_flag_refuses_nan_and_infinity(tmp_path, monkeypatch, capsys, flag, value):
+    refused_in_one_line(tmp_path, monkeypatch, capsys, [f"{flag}={value}"],
+                        f"{flag} must be a finite number, got {value}")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("setting", FLOAT_SETTINGS)
+def test_every_float_setting_of_a_methods_variant_refuses_nan_and_infinity(tmp_path, monkeypatch, capsys,
+                                                                            setting, value):
+    variant = f"ft:{setting}={value}"
+    refused_in_one_line(tmp_path, monkeypatch, capsys, ["--methods", f"lnsr,{variant}"],
+                        f"--methods: {setting} in {variant!r} must be a finite number, got {value}")
+
+
+@pytest.mark.parametrize("weights", ["nan", "inf", "1,nan,1"])
+@pytest.mark.parametrize("method", ["lnsr", "ft"])           # also when LNSR is not among the runs
+def test_lnsr_weights_refuse_nan_and_infinity(tmp_path, monkeypatch, capsys, weights, method):
+    refused_in_one_line(tmp_path, monkeypatch, capsys, ["--method", method, "--lnsr-weights", weights],
+                        f"--lnsr-weights must be finite numbers, got {weights}")
+
+
+def test_nan_epochs_in_a_real_process_is_one_line_before_any_work(tmp_path):
+    """Not a dry run: --epochs nan once reached the step count and ended in a traceback."""
+    done = run_in(tmp_path, "--task", "rte", "--model", "minilm-l6", "--epochs", "nan")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == ["error: --epochs must be a finite number, got nan"]
+    assert done.stdout == "" and tree(tmp_path) == []
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder in which this process cannot create a file, root included: permission bits for
+    other users; for root, who writes past them, the immutable attribute (chattr +i)."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    else:
+        try:
+            made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        except OSError:
+            made = False
+        if not made:
+            pytest.skip("cannot make a folder unwritable for root here (chattr +i is not available)")
+        undo = ["chattr", "-i", str(folder)]
+    try:
+        (folder / "probe").touch()
+        (folder / "probe").unlink()
+        subprocess.run(undo, check=True)
+        pytest.skip(f"{folder} stayed writable")
+    except PermissionError:
+        pass
+    yield folder
+    subprocess.run(undo, check=True)
+
+
+@pytest.mark.parametrize("output_dir, message", [
+    ("readonly", "--output-dir readonly: cannot write in this folder"),
+    ("readonly/runs/sweep", "--output-dir readonly/runs/sweep: cannot create it in readonly"),
+])
+def test_an_unwritable_output_folder_is_one_line_before_any_work(unwritable_folder, monkeypatch, capsys,
+                                                                 output_dir, message):
+    monkeypatch.chdir(unwritable_folder.parent)
+    before = tree(unwritable_folder.parent)
+    assert train.main(["--task", "rte", "--dry-run", "--output-dir", output_dir]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1 and lines[0].startswith(f"error: {message} ("), lines
+    assert tree(unwritable_folder.parent) == before
+
+
+def test_an_unwritable_output_folder_in_a_real_process_is_one_line_before_any_work(unwritable_folder):
+    """Not a dry run: the model and the data once loaded, then claiming the first run failed in a
+    page of tracebacks."""
+    before = tree(unwritable_folder.parent)
+    done = run_in(unwritable_folder.parent, "--task", "rte", "--model", "minilm-l6", "--output-dir", "readonly")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --output-dir readonly: cannot write in this folder")
+    assert done.stdout == "" and tree(unwritable_folder.parent) == before
+
+
 def test_offline_with_nothing_here_is_one_message_exit_2_and_creates_nothing(tmp_path):
     """A real process, with the caches pointed into tmp_path and the network closed: one message
     names the model and the data, and the command that works without a network."""
