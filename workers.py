@@ -25,7 +25,8 @@ need no connection to one another. Before a worker trains a run, it claims the r
   belongs to a worker that died (killed, pre-empted, or its machine gone). Taking over means
   creating the next generation, `claim.<n+1>.json`, in the same exclusive way, so of several
   workers that judge one claim dead exactly one wins. The winner deletes the older
-  generations, and the run starts from scratch. A worker that was only stalled finds a newer
+  generations, and the run goes on from its last checkpoint (checkpoint.py), or from step 1
+  if it has none. A worker that was only stalled finds a newer
   generation at its next heartbeat, abandons the run and writes nothing more to it.
 
 Heartbeats are wall-clock times written by one host and read by others, so the hosts' clocks

@@ -241,6 +241,33 @@ def test_data_parallel_with_dropout_runs_every_method_and_keeps_lnsr_sigma_zero_
         assert all(penalty > 0 for _, _, penalty in log) or m in ("mixout", "noise"), m
 
 
+def test_a_data_parallel_run_stopped_by_sigterm_goes_on_from_its_checkpoint_with_the_same_bits(tmp_path):
+    """torchrun passes SIGTERM to every rank; the ranks agree to stop at a log step, rank 0 saves
+    every rank's random streams, and each rank reads its own back: dropout on, the same bits."""
+    import checkpoint
+    import tiny
+    model_dir = tiny.tiny_checkpoint(tmp_path / "model")
+    grid = ["--model", str(model_dir), "--method", "lnsr", "--seed", "1", "--data-parallel",
+            "--max-train-samples", "64", "--batch-size", "4", "--epochs", "3", "--log-every", "2"]
+    torchrun(2, tmp_path / "never", *grid)
+    run_dir = tmp_path / "stopped" / "RTE" / "lnsr" / "seed1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train.py"), *TINY, "--output-dir", str(tmp_path / "stopped"), *grid,
+               "--checkpoint-steps", "10"]
+    agent = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not checkpoint.path_of(run_dir).exists() and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    agent.send_signal(signal.SIGTERM)
+    agent.wait(timeout=120)
+    saved = checkpoint.read(run_dir, {})
+    assert 10 <= saved["step"] < 48 and len(saved["random_streams"]) == 2
+    assert not (run_dir / "results.json").exists()
+    torchrun(2, tmp_path / "stopped", *grid)
+    assert results_of(tmp_path / "stopped", "lnsr/seed1") == results_of(tmp_path / "never", "lnsr/seed1")
+    assert not checkpoint.path_of(run_dir).exists()
+
+
 def test_data_parallel_outside_torchrun_is_a_one_line_error(tmp_path):
     done = subprocess.run(train_command(tmp_path / "x", "--model", "minilm-l6", "--data-parallel"),
                           env={k: v for k, v in ENV.items() if k not in ("RANK", "MASTER_ADDR")},
