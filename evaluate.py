@@ -25,19 +25,19 @@ from pathlib import Path
 import numpy as np
 
 from bert.errors import InputError, existing_folder
-from run_records import legacy_method_options, one_answer, parse_seeds, seed_folder, with_legacy_settings
+from run_records import legacy_method_options, one_answer, parse_seeds, scored_set, seed_folder, with_legacy_settings
 from workers import describe_claim, read_claim
 
 SUBCOMMANDS = ("summarize", "boxplot", "noise-stability")
 PAPER_TASK_ORDER = ["RTE", "MRPC", "CoLA", "STS-B"]
-REQUIRED_KEYS = ("task", "method", "seed", "metric", "dev")
+REQUIRED_KEYS = ("task", "method", "seed", "metric")     # and the scored set's metrics (run_records.scored_set)
 # The settings of a run (train.py flags, from its config.json) that change what its score means.
 # Runs that differ in any of them never share a row, and a method is compared with the ft runs
 # of the same settings. Seeds, the device and the evaluation batch size are left out.
 RUN_SETTINGS = ("model", "epochs", "batch_size", "lr", "warmup", "weight_decay", "optimizer",
                 "max_grad_norm", "max_seq_length", "max_train_samples", "train_fraction",
                 "max_eval_samples", "precision", "allow_tf32", "dropout_stream",
-                "data_parallel_ranks")
+                "data_parallel_ranks", "holdout")
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -81,12 +81,15 @@ def read_runs(*roots: Path, seeds=None):
             problems.append(f"{results}: unreadable ({e})")
             continue
         missing = [k for k in REQUIRED_KEYS if not isinstance(r, dict) or k not in r]
+        scored = scored_set(r) if isinstance(r, dict) else "dev"
+        if not missing and scored not in r:
+            missing = [scored]
         if missing:
             problems.append(f"{results}: missing {', '.join(missing)}")
             continue
-        value = r["dev"].get(r["metric"]) if isinstance(r["dev"], dict) else None
+        value = r[scored].get(r["metric"]) if isinstance(r[scored], dict) else None
         if not isinstance(value, (int, float)) or not math.isfinite(value):
-            problems.append(f"{results}: dev[{r['metric']!r}] is not a number")
+            problems.append(f"{results}: {scored}[{r['metric']!r}] is not a number")
             continue
         r["_value"] = 100.0 * value
         settings = run_settings(results.parent / "config.json", r)
@@ -110,6 +113,8 @@ def run_settings(config_file: Path, results: dict) -> dict:
     except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
         settings = {}
     found = {k: settings.get(k, results.get(k)) for k in RUN_SETTINGS if k in settings or k in results}
+    # Held-out scores never share a row with dev scores: the scored set is part of the settings.
+    found["scored"] = scored_set(results)
     # Figure 4's rows: 15%, 30%, 50% and the full training set (None in a run's files).
     found["train_fraction"] = found.get("train_fraction") or 1.0
     return found
@@ -206,6 +211,7 @@ def summarize(runs, baseline="ft"):
                 row["paired_vs_" + baseline] = paired_comparison(
                     {r["seed"]: r["_value"] for r in rs}, {b["seed"]: b["_value"] for b in by_label[base_label]})
             row["partial"] = any(r.get("partial") for r in rs)
+            row["held_out"] = any(scored_set(r) == "held_out" for r in rs)
             row["collapsed"] = sum(one_answer(r) is not None for r in rs)     # runs with one answer
             if all(isinstance(r.get("train"), dict) and r["metric"] in r["train"] for r in rs):
                 train = [100.0 * r["train"][r["metric"]] for r in rs]
@@ -235,7 +241,8 @@ def fmt_p(p):
 
 def flags(row) -> str:
     """What makes a row unlike full runs, for every table: a subset of the data, collapsed runs."""
-    notes = (["partial data"] if row.get("partial") else []) + \
+    notes = (["scored on held-out training data, not dev"] if row.get("held_out") else []) + \
+        (["partial data"] if row.get("partial") else []) + \
         ([f"{row['collapsed']}/{row['n']} runs collapsed to one answer"] if row.get("collapsed") else [])
     return f" ({'; '.join(notes)})" if notes else ""
 
@@ -244,7 +251,8 @@ def markdown(table, baseline="ft"):
     tasks = task_order(table)
     methods = method_order({m for t in tasks for m in table[t]})
     # One label per method across the tasks: partial anywhere, collapsed runs counted over all.
-    merged = lambda rows: {"partial": any(r["partial"] for r in rows), "n": sum(r["n"] for r in rows),
+    merged = lambda rows: {"partial": any(r["partial"] for r in rows), "held_out": any(r["held_out"] for r in rows),
+                           "n": sum(r["n"] for r in rows),
                            "collapsed": sum(r.get("collapsed", 0) for r in rows)}
     marked = {m: flags(merged([table[t][m] for t in tasks if m in table[t]])) for m in methods}
     lines = ["| method | " + " | ".join(f"{t} mean | {t} std | {t} max" for t in tasks) + " |",

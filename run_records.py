@@ -73,7 +73,8 @@ class RunFiles:
         if not self.writes:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("results.json", "failed.json", "log.jsonl", "dev_predictions.json"):
+        for stale in ("results.json", "failed.json", "log.jsonl", "dev_predictions.json",
+                      "held_out_predictions.json"):
             (self.dir / stale).unlink(missing_ok=True)
         write_json(self.dir / "config.json", config)
         self.log_file = open(self.dir / "log.jsonl", "w", encoding="utf-8")
@@ -97,10 +98,11 @@ class RunFiles:
         if self.writes:
             write_json(self.dir / "failed.json", {"status": "failed", "step": step, "reason": reason})
 
-    def finish(self, results: dict, dev_predictions: list):
-        """dev_predictions.json first: a run is finished once results.json is there."""
+    def finish(self, results: dict, predictions: list, scored: str = "dev"):
+        """<scored>_predictions.json first (dev, or holdout): a run is finished once results.json
+        is there."""
         if self.writes:
-            write_json(self.dir / "dev_predictions.json", dev_predictions)
+            write_json(self.dir / f"{scored}_predictions.json", predictions)
             write_json(self.dir / "results.json", results)
 
 
@@ -113,6 +115,8 @@ LEGACY_SETTINGS = {
     "deterministic": False,
     # ... and in one process each: --data-parallel came later.
     "data_parallel_ranks": 1,
+    # ... and scored on the dev set: --holdout came later.
+    "holdout": None,
 }
 # method -> its options added later -> the behaviour before them.
 LEGACY_METHOD_OPTIONS = {
@@ -134,17 +138,26 @@ def legacy_method_options(method, options) -> dict:
     return {**LEGACY_METHOD_OPTIONS.get(method, {}), **(options or {})}
 
 
+def scored_set(results: dict) -> str:
+    """Which set a run was scored on, the key of its metrics in results.json: "dev", or
+    "held_out" (train.py --holdout: a fixed part of the training set). Runs made before
+    --holdout existed were scored on dev."""
+    return results.get("scored", "dev")
+
+
 def one_answer(results: dict) -> str | None:
-    """How a run collapsed to one answer, from its results.json, or None: every dev prediction
-    the same class, or STS-B scores with a standard deviation below 1e-3 (labels span 0-5).
-    Runs made before prediction spreads were recorded (2026-12-02) are never marked."""
-    spread = results.get("dev_predictions")
+    """How a run collapsed to one answer, from its results.json, or None: every prediction on
+    the scored set the same class, or STS-B scores with a standard deviation below 1e-3 (labels
+    span 0-5). Runs made before prediction spreads were recorded are never marked."""
+    scored = scored_set(results)
+    name = "held-out" if scored == "held_out" else scored
+    spread = results.get(f"{scored}_predictions")
     if not isinstance(spread, dict):
         return None
     counts = spread.get("class_counts")
     if isinstance(counts, dict) and len(counts) == 1:
-        return f"every dev prediction is class {next(iter(counts))}"
+        return f"every {name} prediction is class {next(iter(counts))}"
     std = spread.get("std")
     if isinstance(std, (int, float)) and std < 1e-3:
-        return f"constant dev scores (std {std:.1e})"
+        return f"constant {name} scores (std {std:.1e})"
     return None

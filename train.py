@@ -38,7 +38,7 @@ import optim
 import regularizers
 from progress import GridClock, StatusLine, format_seconds
 from bert.errors import InputError, existing_folder, folder_to_write
-from run_records import (RunFiles, one_answer, parse_seeds, seed_folder, settings_differences,
+from run_records import (RunFiles, one_answer, parse_seeds, scored_set, seed_folder, settings_differences,
                          with_legacy_settings, write_json)
 from workers import Claim, DataParallel, SingleProcess, claim_run, describe_claim, local_index, read_claim, worker_name
 
@@ -143,7 +143,13 @@ def build_parser():
     p.add_argument("--train-fraction", type=float, default=None,
                    help="train on a seeded random fraction of the training set (few-sample runs)")
     p.add_argument("--max-eval-samples", type=int, default=None,
-                   help="evaluate on a seeded random subset of this many dev examples")
+                   help="evaluate on a seeded random subset of this many dev (or held-out) examples")
+    p.add_argument("--holdout", type=float, default=None, metavar="FRACTION",
+                   help="hold out this fraction of the training set, train on the rest and score the "
+                        "held-out part in place of dev: to choose lr, sigma or lambda without touching the "
+                        "dev set you report. The split depends on the task and the fraction only (the same "
+                        "for every seed and method); the dev file is never opened; results.json names the "
+                        "scored set (\"scored\": \"held_out\") and config.json the split's fingerprint")
     p.add_argument("--eval-train", action="store_true",
                    help="also report the metric on the training set at the end (generalization gap)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -398,7 +404,10 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     train = data.train.subset(args.max_train_samples, args.train_fraction, stream_seed(data_seed, "subset"))
     dev = data.dev.subset(args.max_eval_samples, None, EVAL_SUBSET_SEED)
     partial = len(train.input_ids) < len(data.train) or len(dev.input_ids) < len(data.dev)
-    settings.update(n_train=len(train.input_ids), n_dev=len(dev.input_ids))
+    scored = data.scored                                  # "dev", or "held_out" (--holdout)
+    settings.update({"n_train": len(train.input_ids), f"n_{scored}": len(dev.input_ids)})
+    if data.holdout_fingerprint:
+        settings["holdout_fingerprint"] = data.holdout_fingerprint
     device = data.device
     saved = checkpoint.read(run_dir, settings)           # every rank reads; None for a new run
     files = RunFiles(run_dir, writes=ranks.is_main)
@@ -543,7 +552,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
         stop.training = True
     try:
         dev_predictions = predict(model, dev, args.eval_batch_size, device, settings["precision"],
-                                  on_batch=lambda i, n: on_eval_batch("dev", i, n))
+                                  on_batch=lambda i, n: on_eval_batch(scored, i, n))
         train_predictions = None
         if args.eval_train:
             train_predictions = predict(model, train, args.eval_batch_size, device, settings["precision"],
@@ -553,9 +562,10 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
             stop.training = False
     dev_metrics = glue.compute_metrics(spec.name, dev_predictions, dev.labels)
     results = {"task": spec.name, "method": method_name, "seed": seed, "metric": spec.main_metric,
-               "dev": dev_metrics, "dev_predictions": prediction_spread(dev_predictions, spec.is_regression),
+               "scored": scored, scored: dev_metrics,
+               f"{scored}_predictions": prediction_spread(dev_predictions, spec.is_regression),
                "train_seconds": round(train_seconds, 2), "steps": total_steps,
-               "n_train": len(train.input_ids), "n_dev": len(dev.input_ids),
+               "n_train": len(train.input_ids), f"n_{scored}": len(dev.input_ids),
                "partial": partial,
                "max_train_samples": args.max_train_samples, "train_fraction": args.train_fraction,
                "max_eval_samples": args.max_eval_samples, "method_options": settings["method_options"]}
@@ -564,7 +574,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     report("write", 0, 1, logged)           # last check that this worker still holds the run
     if args.save_model:
         model.save_pretrained(run_dir / "model", tokenizer=data.tokenizer, label_names=spec.label_names)
-    files.finish(results, dev_predictions)
+    files.finish(results, dev_predictions, scored)
     checkpoint.remove(run_dir)
     ranks.barrier()
     return results
@@ -708,7 +718,8 @@ def load_data(args, spec, device, status, argv):
     except InputError as e:
         model_error = e
     try:
-        glue.ensure_task_data(spec.name, args.data_dir, splits=["train", "dev"])   # downloads what is missing
+        splits = ["train"] if args.holdout else ["train", "dev"]     # a held-out run never opens dev
+        glue.ensure_task_data(spec.name, args.data_dir, splits=splits)   # downloads what is missing
     except InputError as e:
         data_error = e
     if model_error or data_error:
@@ -718,12 +729,24 @@ def load_data(args, spec, device, status, argv):
     if args.max_seq_length > positions:
         raise InputError(f"--max-seq-length {args.max_seq_length}: {args.model} has {positions} positions")
     tokenizer = Tokenizer.from_dir(model_dir)
-    train = Split(glue.load_examples(spec.name, "train", args.data_dir), tokenizer, args.max_seq_length)
-    dev = Split(glue.load_examples(spec.name, "dev", args.data_dir), tokenizer, args.max_seq_length)
-    status.say(f"{spec.name}: {len(train)} training and {len(dev)} dev examples, "
+    train_examples = glue.load_examples(spec.name, "train", args.data_dir)
+    scored, fingerprint = "dev", None
+    if args.holdout:                      # the scored set is a fixed part of the training set
+        kept, held_out = glue.holdout_split(len(train_examples), args.holdout)
+        dev_examples = [train_examples[i] for i in held_out]
+        train_examples = [train_examples[i] for i in kept]
+        scored, fingerprint = "held_out", glue.split_fingerprint(held_out)
+    else:
+        dev_examples = glue.load_examples(spec.name, "dev", args.data_dir)
+    train = Split(train_examples, tokenizer, args.max_seq_length)
+    dev = Split(dev_examples, tokenizer, args.max_seq_length)
+    status.say(f"{spec.name}: {len(train)} training and {len(dev)} {SCORED_NAMES[scored]} examples, "
                f"{args.model} with {pretrained.config.num_hidden_layers} layers")
     return types.SimpleNamespace(train=train, dev=dev, tokenizer=tokenizer, pretrained=pretrained,
-                                 device=device)
+                                 device=device, scored=scored, holdout_fingerprint=fingerprint)
+
+
+SCORED_NAMES = {"dev": "dev", "held_out": "held-out"}      # what the scored set is called in messages
 
 
 def cannot_start(args, spec, argv, model_error, data_error) -> str:
@@ -806,6 +829,8 @@ def check_args(args):
             raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.train_fraction is not None and args.max_train_samples is not None:
         raise InputError("give --train-fraction or --max-train-samples, not both")
+    if args.holdout is not None and not 0 < args.holdout < 1:
+        raise InputError(f"--holdout must be in (0, 1), got {args.holdout}")
     if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
         raise InputError(f"--train-fraction must be in (0, 1], got {args.train_fraction}")
     for name in ("max_train_samples", "max_eval_samples"):
@@ -930,15 +955,17 @@ class Grid:
 
 def run_summary(r, data) -> str:
     """The line printed when a run ends: its dev score and what makes it unlike a full run."""
-    line = f"  dev {r['metric']} = {r['dev'][r['metric']]:.4f}  ({r['train_seconds']:.0f} s)"
+    scored = scored_set(r)
+    name = SCORED_NAMES[scored]
+    line = f"  {name} {r['metric']} = {r[scored][r['metric']]:.4f}  ({r['train_seconds']:.0f} s)"
     notes = []
     answer = one_answer(r)
     if answer:
         notes.append(f"collapsed: {answer}")
     if r["n_train"] < len(data.train):
         notes.append(f"trained on {r['n_train']} of {len(data.train)} examples")
-    if r["n_dev"] < len(data.dev):
-        notes.append(f"scored on {r['n_dev']} of {len(data.dev)} dev examples")
+    if r[f"n_{scored}"] < len(data.dev):
+        notes.append(f"scored on {r[f'n_{scored}']} of {len(data.dev)} {name} examples")
     return line + (f"  [{'; '.join(notes)}]" if notes else "")
 
 
@@ -972,7 +999,7 @@ def run_command(args, argv, stop) -> int:
         if args.deterministic and not args.dry_run:
             make_deterministic()
         spec = glue.get_task(args.task)
-        for split in ("train", "dev"):            # AX is test-only: say so before loading a model
+        for split in ("train",) if args.holdout else ("train", "dev"):   # AX is test-only: say so now
             spec.split_layout(split)
         device = pick_device(args.device)
         if args.data_parallel and args.dropout_stream != "step":

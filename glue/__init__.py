@@ -14,7 +14,9 @@ from glue.data import (
     collate,
     default_data_dir,
     encode,
+    holdout_split,
     load_examples,
+    split_fingerprint,
     subsample,
     subset_indices,
     task_file,
@@ -37,6 +39,6 @@ def ensure_task_data(task: str, data_dir=None, splits=None):
 __all__ = [
     "Example", "Features", "TASKS", "TaskSpec", "accuracy", "batch_order", "batches", "check_examples", "collate",
     "compute_metrics", "default_data_dir", "encode", "ensure_task_data", "f1_score", "get_task",
-    "load_examples", "matthews_corrcoef", "pearson", "spearman", "subsample", "subset_indices", "task_file",
-    "write_test_predictions",
+    "holdout_split", "load_examples", "matthews_corrcoef", "pearson", "spearman", "split_fingerprint",
+    "subsample", "subset_indices", "task_file", "write_test_predictions",
 ]

@@ -185,6 +185,29 @@ def subset_indices(total: int, fraction: float | None = None, n: int | None = No
     return np.sort(permutation[:n]).tolist()
 
 
+HOLDOUT_SPLIT_SEED = 2021     # one fixed split per task and fraction, whatever a run's seed
+
+
+def holdout_split(total: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(trained_on, held_out): the sorted positions of a training set of `total` examples, with
+    round(fraction * total) of them held out. A pure function of total and fraction (the seed is
+    fixed), so every seed and method of a sweep holds out the same examples; the two parts are
+    disjoint and together the whole set."""
+    if not 0.0 < fraction < 1.0:
+        raise InputError(f"holdout fraction must be in (0, 1), got {fraction}")
+    held_out = subset_indices(total, fraction=fraction, seed=HOLDOUT_SPLIT_SEED)
+    if len(held_out) == total:
+        raise InputError(f"holdout fraction {fraction} of {total} examples leaves none to train on")
+    held = set(held_out)
+    return [i for i in range(total) if i not in held], held_out
+
+
+def split_fingerprint(indices: list[int]) -> str:
+    """A short name for a set of example positions: equal sets, equal names."""
+    import hashlib
+    return hashlib.sha256(",".join(map(str, sorted(indices))).encode()).hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------------
 # Token ids
 
