@@ -322,6 +322,7 @@ def log_ends(run_dir) -> tuple | None:
     """(loss, penalty) of the first and of the last line of a run's log.jsonl, or None."""
     try:
         lines = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
+        lines = [line for line in lines if "loss" in line]       # not the learning curves' lines
         first, last = lines[0], lines[-1]
         return (first["loss"], first["penalty"]), (last["loss"], last["penalty"]), (first["step"], last["step"])
     except (OSError, ValueError, KeyError, IndexError, TypeError):

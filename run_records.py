@@ -115,8 +115,9 @@ LEGACY_SETTINGS = {
     "deterministic": False,
     # ... and in one process each: --data-parallel came later.
     "data_parallel_ranks": 1,
-    # ... and scored on the dev set: --holdout came later.
+    # ... and scored on the dev set, without learning curves: --holdout and --curves came later.
     "holdout": None,
+    "curves": False,
 }
 # method -> its options added later -> the behaviour before them.
 LEGACY_METHOD_OPTIONS = {

@@ -152,6 +152,11 @@ def build_parser():
                         "scored set (\"scored\": \"held_out\") and config.json the split's fingerprint")
     p.add_argument("--eval-train", action="store_true",
                    help="also report the metric on the training set at the end (generalization gap)")
+    p.add_argument("--curves", action="store_true",
+                   help="learning curves (the paper's Figure 3): at the end of every epoch, log the main "
+                        f"metric and task loss on the scored set (dev or held-out) and on a fixed sample of "
+                        f"{CURVE_TRAIN_SAMPLE} training examples (log.jsonl lines with \"curves\"; drawn by "
+                        "evaluate.py curves)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when available")
     p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
@@ -232,28 +237,49 @@ MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
 @torch.no_grad()
-def predict(model, features, batch_size, device, precision, on_batch=None):
-    """Predictions in the order of `features`: class ids, or scores for regression.
-
-    on_batch(done, total), if given, is called before each batch (progress lines)."""
+def logits_of(model, features, batch_size, device, precision, on_batch=None):
+    """(example_ids, logits) per batch, in eval mode, longest examples first: batches of similar
+    lengths waste the least padding. on_batch(done, total), if given, is called before each
+    batch (progress lines). Leaves the model in eval mode."""
     model.eval()
     cls_only = model.bert.cls_only_last_layer
     model.bert.cls_only_last_layer = True                 # only the logits are read here
-    n = len(features.input_ids)
-    out = [None] * n
-    n_batches = math.ceil(n / batch_size)
-    # Longest first: batches of similar lengths waste the least padding.
-    for i, batch in enumerate(glue.batches(features, batch_size, seed=None, bucket=True)):
-        if on_batch is not None:
-            on_batch(i, n_batches)
-        batch = to_device(batch, device)
-        with autocast(device, precision):
-            logits = model(*(batch[k] for k in MODEL_INPUTS)).logits.float()
+    n_batches = math.ceil(len(features.input_ids) / batch_size)
+    try:
+        for i, batch in enumerate(glue.batches(features, batch_size, seed=None, bucket=True)):
+            if on_batch is not None:
+                on_batch(i, n_batches)
+            batch = to_device(batch, device)
+            with autocast(device, precision):
+                logits = model(*(batch[k] for k in MODEL_INPUTS)).logits.float()      # (B, labels)
+            yield batch["example_ids"].tolist(), logits
+    finally:
+        model.bert.cls_only_last_layer = cls_only
+
+
+def predict(model, features, batch_size, device, precision, on_batch=None):
+    """Predictions in the order of `features`: class ids, or scores for regression."""
+    out = [None] * len(features.input_ids)
+    for ids, logits in logits_of(model, features, batch_size, device, precision, on_batch):
         preds = logits.squeeze(-1) if model.num_labels == 1 else logits.argmax(-1)
-        for i, p in zip(batch["example_ids"].tolist(), preds.tolist()):
+        for i, p in zip(ids, preds.tolist()):
             out[i] = p
-    model.bert.cls_only_last_layer = cls_only
     return out
+
+
+def score_set(model, features, spec, batch_size, device, precision) -> dict:
+    """The task's main metric (in percent) and mean task loss of the model on `features`: one
+    point of a learning curve."""
+    out, loss_sum = [None] * len(features.input_ids), 0.0
+    for ids, logits in logits_of(model, features, batch_size, device, precision):
+        labels = torch.tensor([features.labels[i] for i in ids], device=logits.device,
+                              dtype=torch.float32 if spec.is_regression else torch.long)
+        loss_sum += task_loss(logits, labels, spec.is_regression).item() * len(ids)
+        preds = logits.squeeze(-1) if model.num_labels == 1 else logits.argmax(-1)
+        for i, p in zip(ids, preds.tolist()):
+            out[i] = p
+    metric = glue.compute_metrics(spec.name, out, features.labels)[spec.main_metric]
+    return {"metric": 100.0 * metric, "loss": loss_sum / len(out)}
 
 
 def autocast(device, precision):
@@ -316,6 +342,7 @@ def variant_name(method: str, settings: dict) -> str:
 
 
 EVAL_SUBSET_SEED = 0      # every seed of a sweep is scored on the same dev examples
+CURVE_TRAIN_SAMPLE = 512  # training examples scored at each epoch's end with --curves
 
 
 def stream_seed(seed: int, stream: str, *more: int) -> int:
@@ -430,6 +457,12 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     model.bert.cls_only_last_layer = not method.reads_hidden_states
     method.setup(model, stream_seed(seed, "noise", *per_rank))
 
+    train_sample = None
+    if args.curves:                      # the same training examples at every epoch's end
+        keep = glue.subset_indices(len(train), n=min(CURVE_TRAIN_SAMPLE, len(train)), seed=EVAL_SUBSET_SEED)
+        train_sample = glue.Features([train.input_ids[i] for i in keep], [train.token_type_ids[i] for i in keep],
+                                     [train.labels[i] for i in keep], train.pad_id, train.is_regression)
+
     steps_per_epoch = math.ceil(len(train.input_ids) / args.batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
     optimizer = optim.make_optimizer(model, args.optimizer, args.lr, args.weight_decay)
@@ -520,6 +553,10 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
                     sum_loss.zero_()
                     sum_penalty.zero_()
                     since_log = 0
+                if args.curves and ranks.is_main and (step % steps_per_epoch == 0 or step == total_steps):
+                    files.log(curve_point(model, spec, dev, scored, train_sample, step, steps_per_epoch,
+                                          args.eval_batch_size, device, settings["precision"]))
+                    model.train()
                 report("train", step, total_steps, logged)
                 # One process looks at every step; the ranks of a data-parallel run agree at the
                 # log steps, where they meet anyway.
@@ -578,6 +615,15 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     checkpoint.remove(run_dir)
     ranks.barrier()
     return results
+
+
+def curve_point(model, spec, scored_features, scored, train_sample, step, steps_per_epoch, batch_size,
+                device, precision) -> dict:
+    """A log.jsonl line of the learning curves: metric (percent) and mean task loss on the scored
+    set and on the fixed training sample, at this step (the end of an epoch)."""
+    return {"step": step, "epoch": round(step / steps_per_epoch, 3),
+            "curves": {scored: score_set(model, scored_features, spec, batch_size, device, precision),
+                       "train_sample": score_set(model, train_sample, spec, batch_size, device, precision)}}
 
 
 def first_step_problem(model, batch, loss, penalty, method_name, options) -> str:

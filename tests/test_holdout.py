@@ -97,3 +97,44 @@ def test_summarize_labels_held_out_rows_and_never_mixes_them_with_dev(model_dir,
     assert evaluate.main(["summarize", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("scored on held-out training data, not dev") >= 2
+
+
+def test_learning_curves_are_logged_each_epoch_and_change_nothing_else(model_dir, data_dir, tmp_path):
+    """--curves: one log line per epoch with the metric and task loss of the held-out set and of
+    the fixed training sample. The last point equals the run's own held-out result and a loss
+    computed here from the saved model; the training itself is the same bits as without it."""
+    import torch
+    import torch.nn.functional as F
+    from bert.model import BertClassifier
+    from bert.tokenizer import Tokenizer
+    base = command(model_dir, data_dir, tmp_path / "plain", "--method", "lnsr", "--epochs", "2")
+    assert train.main(base) == 0
+    with_curves = command(model_dir, data_dir, tmp_path / "curves", "--method", "lnsr", "--epochs", "2",
+                          "--curves", "--save-model")
+    assert train.main(with_curves) == 0
+    read = lambda out: [json.loads(line) for line in (out / "RTE" / "lnsr" / "seed1" / "log.jsonl").read_text().splitlines()]
+    plain, curved = read(tmp_path / "plain"), read(tmp_path / "curves")
+    points = [line for line in curved if "curves" in line]
+    assert [p["epoch"] for p in points] == [1.0, 2.0]                       # 16 examples / 8 = 2 steps an epoch
+    assert [line for line in curved if "curves" not in line] == [
+        {**line, "elapsed": c["elapsed"]} for line, c in zip(plain, [x for x in curved if "curves" not in x])]
+    run = tmp_path / "curves" / "RTE" / "lnsr" / "seed1"
+    results = json.loads((run / "results.json").read_text())
+    last = points[-1]["curves"]
+    assert set(last) == {"held_out", "train_sample"}
+    assert last["held_out"]["metric"] == pytest.approx(100 * results["held_out"]["acc"])
+    # The held-out loss, recomputed from the saved model with one padded batch per example.
+    examples = glue.load_examples("rte", "train", data_dir)
+    held_out = [examples[i] for i in glue.holdout_split(len(examples), 0.1)[1]]
+    held_out = [held_out[i] for i in glue.subset_indices(len(held_out), n=32, seed=train.EVAL_SUBSET_SEED)]
+    model = BertClassifier.from_pretrained(run / "model", num_labels=2, verbose=False).eval()
+    features = glue.encode(held_out, Tokenizer.from_dir(run / "model"), 32)
+    losses = []
+    with torch.no_grad():
+        for i in range(len(held_out)):
+            batch = glue.collate(features, [i])
+            logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits
+            losses.append(F.cross_entropy(logits, batch["labels"]).item())
+    assert last["held_out"]["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    # The training sample: 16 training examples here (fewer than CURVE_TRAIN_SAMPLE), all of them.
+    assert 0 <= last["train_sample"]["metric"] <= 100 and last["train_sample"]["loss"] > 0
