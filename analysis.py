@@ -420,3 +420,73 @@ def plot_boxplot(groups, metrics: dict, path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def close(fig):
+    pyplot().close(fig)
+
+
+def plot_curves(groups, metrics: dict, path: Path, title: str = ""):
+    """Figure 3: per task, the main metric at each epoch's end, mean over seeds (line) and the
+    range of the seeds (band), the scored set solid and the training sample dashed, one color
+    per row label. Returns the figure (the caller closes it): its lines carry the data drawn."""
+    plt = pyplot()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(7.5, 3.4 * len(groups)), squeeze=False)
+    for ax, (task, by_label) in zip(axes[:, 0], groups.items()):
+        for i, (label, sets) in enumerate(by_label.items()):
+            color = colors[i % len(colors)]
+            for name, by_epoch in sets.items():
+                epochs = sorted(by_epoch)
+                values = [np.asarray(by_epoch[e], dtype=float) for e in epochs]
+                train = name == "train_sample"
+                shown = "train sample" if train else name.replace("_", "-")
+                ax.plot(epochs, [v.mean() for v in values], "--" if train else "-", marker="o", markersize=3,
+                        color=color, label=f"{label}, {shown}")
+                ax.fill_between(epochs, [v.min() for v in values], [v.max() for v in values], color=color,
+                                alpha=0.12, linewidth=0)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel(f"{task} {metrics.get(task, '')} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_dose(groups, metrics: dict, path: Path, title: str = "", baseline: str = "ft"):
+    """Per task, each run's score (dots) against its penalty/loss ratio at the start (log scale),
+    and per strength the mean of its seeds (squares, joined in order of ratio), one color per
+    method and reading; the baseline's mean as a horizontal line. Returns the figure (the caller
+    closes it): its lines carry the data drawn."""
+    plt = pyplot()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(7.5, 3.4 * len(groups)), squeeze=False)
+    for ax, (task, by_series) in zip(axes[:, 0], groups.items()):
+        for i, (series, points) in enumerate(by_series.items()):
+            color = colors[i % len(colors)]
+            scores = np.array([score for _, score, _, _ in points])
+            if series == baseline:
+                ax.axhline(scores.mean(), color="black", linestyle=":", label=f"{baseline} mean (n={len(points)})")
+                continue
+            ratios = np.array([ratio for ratio, _, _, _ in points])
+            ax.plot(ratios, scores, "o", color=color, alpha=0.4, markersize=3)
+            # One point per strength: the mean ratio and mean score of its seeds, joined in order.
+            levels = {}
+            for ratio, score, _, strength in points:
+                levels.setdefault(strength, []).append((ratio, score))
+            means = sorted((np.mean([r for r, _ in v]), np.mean([s for _, s in v])) for v in levels.values())
+            ax.plot([m[0] for m in means], [m[1] for m in means], "-s", color=color, markersize=5, label=series)
+        ax.set_xscale("log")
+        ax.set_xlabel("penalty / task loss at the start of training")
+        ax.set_ylabel(f"{task} {metrics.get(task, '')} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig

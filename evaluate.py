@@ -28,7 +28,7 @@ from bert.errors import InputError, existing_folder
 from run_records import legacy_method_options, one_answer, parse_seeds, scored_set, seed_folder, with_legacy_settings
 from workers import describe_claim, read_claim
 
-SUBCOMMANDS = ("summarize", "boxplot", "noise-stability")
+SUBCOMMANDS = ("summarize", "boxplot", "curves", "dose", "noise-stability")
 PAPER_TASK_ORDER = ["RTE", "MRPC", "CoLA", "STS-B"]
 REQUIRED_KEYS = ("task", "method", "seed", "metric")     # and the scored set's metrics (run_records.scored_set)
 # The settings of a run (train.py flags, from its config.json) that change what its score means.
@@ -442,6 +442,123 @@ def cmd_boxplot(argv):
     return 0
 
 
+def curve_points(run_dir) -> list:
+    """The learning-curve lines of a run's log.jsonl (train.py --curves): [(epoch, {set: {metric,
+    loss}})], in order; empty for a run made without --curves."""
+    try:
+        lines = (Path(run_dir) / "log.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    points = []
+    for line in lines:
+        record = json.loads(line) if line.strip() else {}
+        if isinstance(record.get("curves"), dict):
+            points.append((float(record["epoch"]), record["curves"]))
+    return points
+
+
+def curve_groups(runs) -> dict:
+    """{task: {row label: {set: {epoch: [metric by seed]}}}}: the learning curves of every run
+    with summarize's row labels; set is the scored set (dev or held_out) or train_sample."""
+    labels = variant_labels(runs)
+    groups = {}
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        label = labels[(r["task"], r["method"], r["_options"])]
+        for epoch, sets in curve_points(r["_dir"]):
+            for name, point in sets.items():
+                by_epoch = groups.setdefault(r["task"], {}).setdefault(label, {}).setdefault(name, {})
+                by_epoch.setdefault(epoch, []).append(point["metric"])
+    return {t: {m: groups[t][m] for m in method_order(groups[t])} for t in task_order(groups)}
+
+
+def dose_groups(runs, baseline="ft") -> dict:
+    """{task: {series: [(penalty/loss at the start, score, seed, strength)]}} for the
+    dose-response figure: one series per method and reading (dropout, reduction, layer), one
+    point per run, `strength` naming its sigma, relative_sigma, weights (lambda) or another
+    method's strength; the baseline's runs are in the series `baseline`.
+    The ratio is the first log.jsonl line's penalty over its task loss (both means over the first
+    --log-every steps)."""
+    strengths = {"sigma", "relative_sigma", "weights", "alpha", "beta", "weight", "mu", "p", "lambda_"}
+    groups = {}
+    for r in runs:
+        ends = log_ends(r["_dir"]) if r.get("_dir") else None
+        if ends is None:
+            continue
+        (loss, penalty), _, _ = ends
+        options = json.loads(r["_options"])
+        series = baseline if r["method"] == baseline else r["method"] + "".join(
+            f" {k}={v}" for k, v in sorted(options.items()) if k in ("dropout", "reduction", "layer"))
+        strength = ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if k in strengths)
+        groups.setdefault(r["task"], {}).setdefault(series, []).append(
+            (penalty / loss if loss else float("nan"), r["_value"], r["seed"], strength))
+    return {t: groups[t] for t in task_order(groups)}
+
+
+def curves_parser():
+    p = argparse.ArgumentParser(prog="evaluate.py curves",
+                                description="Learning curves (the paper's Figure 3) of runs made with train.py "
+                                            "--curves: per task, the main metric at the end of every epoch on "
+                                            "the scored set (solid) and on a fixed training sample (dashed), "
+                                            "mean over seeds with the min-max band, one color per row of "
+                                            "summarize.")
+    p.add_argument("dir", nargs="+", help="one or more folders of runs (train.py --output-dir), read as one "
+                                          "collection, as summarize reads them")
+    p.add_argument("--output", default=None, help="PNG file (default: <first dir>/curves.png)")
+    p.add_argument("--title", default="", help="a title over the plot")
+    add_seeds_flag(p)
+    return p
+
+
+def dose_parser():
+    p = argparse.ArgumentParser(prog="evaluate.py dose",
+                                description="The strength as a dial: per task, each run's score against its "
+                                            "penalty's size relative to the task loss at the start of "
+                                            "training (first log.jsonl line), one series per method and "
+                                            "reading, ft as a horizontal line (its mean).")
+    p.add_argument("dir", nargs="+", help="one or more folders of runs (train.py --output-dir), read as one "
+                                          "collection, as summarize reads them")
+    p.add_argument("--output", default=None, help="PNG file (default: <first dir>/dose.png)")
+    p.add_argument("--title", default="", help="a title over the plot")
+    p.add_argument("--baseline", default="ft", help="the method drawn as a horizontal line")
+    add_seeds_flag(p)
+    return p
+
+
+def plot_command(argv, parser, default_name, draw):
+    """Shared by boxplot, curves and dose: parse, read the runs, check matplotlib and --output,
+    then draw(runs, args, output)."""
+    import analysis
+    args = parser().parse_args(argv)
+    try:
+        analysis.pyplot()
+    except ImportError:
+        raise InputError("figures need matplotlib, an optional extra: pip install matplotlib") from None
+    runs = read_selected_runs(args)
+    output = Path(args.output) if args.output else Path(args.dir[0]) / default_name
+    if not output.parent.is_dir():
+        raise InputError(f"--output {output}: folder {output.parent} does not exist")
+    draw(runs, args, output)
+    print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+def draw_curves(runs, args, output):
+    import analysis
+    groups = curve_groups(runs)
+    if not groups:
+        raise InputError(f"{', '.join(args.dir)}: no run has learning curves (train.py --curves)")
+    analysis.close(analysis.plot_curves(groups, {r["task"]: r["metric"] for r in runs}, output, args.title))
+
+
+def draw_dose(runs, args, output):
+    import analysis
+    groups = dose_groups(runs, args.baseline)
+    if not groups:
+        raise InputError(f"{', '.join(args.dir)}: no run has a log.jsonl to read the penalty from")
+    analysis.close(analysis.plot_dose(groups, {r["task"]: r["metric"] for r in runs}, output, args.title,
+                                      args.baseline))
+
+
 # ----------------------------------------------------------------------------- one run
 
 def run_parser():
@@ -453,11 +570,16 @@ def run_parser():
               "       %(prog)s summarize DIR [DIR ...] [--json] [--baseline BASELINE] [--per-run] [--losses]\n"
               "                   [--seeds SEEDS]\n"
               "       %(prog)s boxplot DIR [DIR ...] [--output OUTPUT] [--title TITLE] [--seeds SEEDS]\n"
+              "       %(prog)s curves DIR [DIR ...] [--output OUTPUT] [--title TITLE] [--seeds SEEDS]\n"
+              "       %(prog)s dose DIR [DIR ...] [--output OUTPUT] [--title TITLE] [--baseline BASELINE]\n"
+              "                   [--seeds SEEDS]\n"
               "       %(prog)s noise-stability [--model MODEL] [--run RUN] [--task TASK] [options]\n"
               "       %(prog)s SUBCOMMAND --help",
         description="Re-evaluate a run saved with train.py --save-model (below), or one of:\n"
                     "  summarize DIR...     Table 1: mean, std, max over seeds, Welch and paired p-values\n"
                     "  boxplot DIR          Figures 2 and 5: score distributions per task (matplotlib)\n"
+                    "  curves DIR           Figure 3: learning curves of runs made with --curves (matplotlib)\n"
+                    "  dose DIR             score against the penalty's size at the start (matplotlib)\n"
                     "  noise-stability      Figure 1: how injected noise spreads through the layers\n"
                     "`python evaluate.py SUBCOMMAND --help` explains each.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (<output-dir>/<task>/<method>/seed<N>)")
@@ -525,6 +647,10 @@ def main(argv=None):
             return cmd_summarize(argv[1:])
         if argv and argv[0] == "boxplot":
             return cmd_boxplot(argv[1:])
+        if argv and argv[0] == "curves":
+            return plot_command(argv[1:], curves_parser, "curves.png", draw_curves)
+        if argv and argv[0] == "dose":
+            return plot_command(argv[1:], dose_parser, "dose.png", draw_dose)
         if argv and argv[0] == "noise-stability":
             import analysis
             return analysis.cmd_noise_stability(argv[1:])

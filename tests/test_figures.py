@@ -1,0 +1,89 @@
+"""evaluate.py curves and dose, checked on the data each figure draws, from hand-made run folders."""
+import json
+
+import numpy as np
+import pytest
+
+import analysis
+import evaluate
+
+
+def make_run(root, task, method, seed, score, curves=(), first=(0.7, 0.0), options=None, scored="held_out"):
+    """A run folder as train.py writes it: results.json, config.json and log.jsonl."""
+    folder = root / task / method / f"seed{seed}"
+    folder.mkdir(parents=True)
+    metric = "acc"
+    results = {"task": task, "method": method, "seed": seed, "metric": metric, "scored": scored,
+               scored: {metric: score}, "method_options": options or {}}
+    (folder / "results.json").write_text(json.dumps(results))
+    settings = {"model": "minilm-l6", "lr": 1e-4, "holdout": 0.2 if scored == "held_out" else None,
+                "method_options": options or {}}
+    (folder / "config.json").write_text(json.dumps({"settings": settings}))
+    lines = [{"step": 20, "epoch": 0.3, "loss": first[0], "penalty": first[1], "lr": 1e-4}]
+    for epoch, (held, train) in enumerate(curves, start=1):
+        lines.append({"step": 70 * epoch, "epoch": float(epoch),
+                      "curves": {scored: {"metric": held, "loss": 0.6}, "train_sample": {"metric": train, "loss": 0.5}}})
+    (folder / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_curves_draw_one_line_per_arm_and_set_through_the_seed_means(tmp_path):
+    make_run(tmp_path, "RTE", "ft", 1, 0.60, curves=[(55, 60), (60, 80)])
+    make_run(tmp_path, "RTE", "ft", 2, 0.62, curves=[(57, 62), (62, 90)])
+    make_run(tmp_path, "RTE", "lnsr", 1, 0.61, curves=[(56, 58), (61, 70)], options={"sigma": 0.001})
+    make_run(tmp_path, "RTE", "lnsr", 2, 0.63, curves=[(58, 60), (63, 74)], options={"sigma": 0.001})
+    make_run(tmp_path, "CoLA", "ft", 1, 0.40)                     # no curves: not drawn
+    runs, problems = evaluate.read_runs(tmp_path)
+    assert not problems
+    groups = evaluate.curve_groups(runs)
+    assert list(groups) == ["RTE"]
+    fig = analysis.plot_curves(groups, {"RTE": "acc"}, tmp_path / "curves.png")
+    try:
+        (ax,) = fig.axes
+        drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+        assert drawn == {"ft, held-out": ([1.0, 2.0], [56.0, 61.0]),
+                         "ft, train sample": ([1.0, 2.0], [61.0, 85.0]),
+                         "lnsr, held-out": ([1.0, 2.0], [57.0, 62.0]),
+                         "lnsr, train sample": ([1.0, 2.0], [59.0, 72.0])}
+        styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
+        assert styles["ft, held-out"] == "-" and styles["ft, train sample"] == "--"
+        # The band spans the seeds: min and max of ft's held-out points at epoch 2 are 60 and 62.
+        bands = [c.get_paths()[0].vertices for c in ax.collections]
+        assert any(np.isclose(v[:, 1].min(), 55) and np.isclose(v[:, 1].max(), 62) for v in bands)
+    finally:
+        analysis.close(fig)
+    assert evaluate.main(["curves", str(tmp_path), "--output", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_dose_draws_each_reading_s_strengths_against_the_penalty_ratio(tmp_path):
+    for seed, score in ((1, 0.60), (2, 0.64)):
+        make_run(tmp_path, "RTE", "ft", seed, score)
+    # Two strengths of the shared reading, two seeds each; the ratio is penalty / loss of line 1.
+    for sigma, penalty, scores in ((0.001, 0.007, (0.61, 0.65)), (0.002, 0.28, (0.50, 0.54))):
+        for seed, score in zip((1, 2), scores):
+            make_run(tmp_path / sigma.__str__(), "RTE", "lnsr", seed, score, first=(0.7, penalty * (1 + seed / 10)),
+                     options={"sigma": sigma, "dropout": "shared", "reduction": "sum"})
+    runs, _ = evaluate.read_runs(tmp_path)
+    groups = evaluate.dose_groups(runs)
+    assert set(groups["RTE"]) == {"ft", "lnsr dropout=shared reduction=sum"}
+    fig = analysis.plot_dose(groups, {"RTE": "acc"}, tmp_path / "dose.png")
+    try:
+        (ax,) = fig.axes
+        means = next(line for line in ax.get_lines() if line.get_label() == "lnsr dropout=shared reduction=sum")
+        ratios = [0.007 * 1.1 / 0.7, 0.007 * 1.2 / 0.7], [0.28 * 1.1 / 0.7, 0.28 * 1.2 / 0.7]
+        assert np.allclose(means.get_xdata(), [np.mean(ratios[0]), np.mean(ratios[1])])
+        assert np.allclose(means.get_ydata(), [63.0, 52.0])
+        ft_line = next(line for line in ax.get_lines() if line.get_label().startswith("ft mean"))
+        assert np.allclose(ft_line.get_ydata(), 62.0)
+        assert ax.get_xscale() == "log"
+    finally:
+        analysis.close(fig)
+    assert evaluate.main(["dose", str(tmp_path), "--output", str(tmp_path / "d.png")]) == 0
+
+
+def test_curves_without_curve_lines_is_one_line_exit_2(tmp_path, capsys):
+    make_run(tmp_path, "RTE", "ft", 1, 0.6)
+    assert evaluate.main(["curves", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no run has learning curves" in err[0]
+    assert not (tmp_path / "curves.png").exists()
