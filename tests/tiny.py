@@ -77,16 +77,18 @@ def round_to_tf32(x):
     return ((bits + 0x1000) & -0x2000).view(torch.float32)         # drop the low 13 of 23 bits
 
 
-def tiny_checkpoint(folder, num_layers=2, seed=0):
+def tiny_checkpoint(folder, num_layers=2, seed=0, dropout=0.1):
     """A tiny random BERT saved in Hugging Face layout with the embedded MiniLM's tokenizer, for
-    train.py runs whose steps take milliseconds (`--model folder`)."""
+    train.py runs whose steps take milliseconds (`--model folder`). dropout sets both of its
+    dropout probabilities."""
     from bert.hub import EMBEDDED, resolve
     from bert.tokenizer import Tokenizer
     tokenizer_dir = resolve(EMBEDDED)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=Tokenizer.from_dir(tokenizer_dir).vocab_size, hidden_size=32,
                         num_hidden_layers=num_layers, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64)
+                        max_position_embeddings=64, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     model = BertClassifier(config, num_labels=2)
     init_weights(model, 0.2)
     model.save_pretrained(folder, tokenizer=Tokenizer.from_dir(tokenizer_dir))
