@@ -447,9 +447,18 @@ def plot_curves(groups, metrics: dict, path: Path, title: str = ""):
                                 alpha=0.12, linewidth=0)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_ylabel(f"{task} {metrics.get(task, '')} (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        finish_panel(ax, f"{task} {metrics.get(task, '')} (%)")
+    return save_figure(fig, path, title)
+
+
+def finish_panel(ax, ylabel):
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
+def save_figure(fig, path, title):
+    """Title, layout and the PNG; the figure is returned open (its lines carry the data drawn)."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -482,11 +491,5 @@ def plot_dose(groups, metrics: dict, path: Path, title: str = "", baseline: str 
             ax.plot([m[0] for m in means], [m[1] for m in means], "-s", color=color, markersize=5, label=series)
         ax.set_xscale("log")
         ax.set_xlabel("penalty / task loss at the start of training")
-        ax.set_ylabel(f"{task} {metrics.get(task, '')} (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return fig
+        finish_panel(ax, f"{task} {metrics.get(task, '')} (%)")
+    return save_figure(fig, path, title)

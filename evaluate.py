@@ -414,32 +414,17 @@ def score_groups(runs):
 
 
 def boxplot_parser():
-    p = argparse.ArgumentParser(prog="evaluate.py boxplot",
-                                description="Figure 2 of Hua et al.: per task, a box plot of the main dev "
-                                            "metric over seeds for each method (rows as in summarize).")
-    p.add_argument("dir", nargs="+", help="one or more folders of runs (train.py --output-dir), read as one "
-                                          "collection, as summarize reads them")
-    p.add_argument("--output", default=None, help="PNG file (default: <first dir>/boxplot.png)")
-    p.add_argument("--title", default="", help="a title over the plot")
-    add_seeds_flag(p)
-    return p
+    return figure_parser("boxplot", "Figure 2 of Hua et al.: per task, a box plot of the main dev metric over "
+                                    "seeds for each method (rows as in summarize).", "boxplot.png")
 
 
 def cmd_boxplot(argv):
+    return plot_command(argv, boxplot_parser, "boxplot.png", draw_boxplot)
+
+
+def draw_boxplot(runs, args, output):
     import analysis
-    args = boxplot_parser().parse_args(argv)
-    try:
-        analysis.pyplot()
-    except ImportError:
-        raise InputError("box plots need matplotlib, an optional extra: pip install matplotlib") from None
-    runs = read_selected_runs(args)
-    output = Path(args.output) if args.output else Path(args.dir[0]) / "boxplot.png"
-    if not output.parent.is_dir():
-        raise InputError(f"--output {output}: folder {output.parent} does not exist")
-    metrics = {r["task"]: r["metric"] for r in runs}
-    analysis.plot_boxplot(score_groups(runs), metrics, output, args.title)
-    print(f"wrote {output}", file=sys.stderr)
-    return 0
+    analysis.plot_boxplot(score_groups(runs), {r["task"]: r["metric"] for r in runs}, output, args.title)
 
 
 def curve_points(run_dir) -> list:
@@ -494,33 +479,29 @@ def dose_groups(runs, baseline="ft") -> dict:
     return {t: groups[t] for t in task_order(groups)}
 
 
-def curves_parser():
-    p = argparse.ArgumentParser(prog="evaluate.py curves",
-                                description="Learning curves (the paper's Figure 3) of runs made with train.py "
-                                            "--curves: per task, the main metric at the end of every epoch on "
-                                            "the scored set (solid) and on a fixed training sample (dashed), "
-                                            "mean over seeds with the min-max band, one color per row of "
-                                            "summarize.")
+def figure_parser(name, description, default_file):
+    """The parser of a figure subcommand: run folders, --output, --title, --seeds."""
+    p = argparse.ArgumentParser(prog=f"evaluate.py {name}", description=description)
     p.add_argument("dir", nargs="+", help="one or more folders of runs (train.py --output-dir), read as one "
                                           "collection, as summarize reads them")
-    p.add_argument("--output", default=None, help="PNG file (default: <first dir>/curves.png)")
+    p.add_argument("--output", default=None, help=f"PNG file (default: <first dir>/{default_file})")
     p.add_argument("--title", default="", help="a title over the plot")
     add_seeds_flag(p)
     return p
 
 
+def curves_parser():
+    return figure_parser("curves", "Learning curves (the paper's Figure 3) of runs made with train.py --curves: "
+                                   "per task, the main metric at the end of every epoch on the scored set "
+                                   "(solid) and on a fixed training sample (dashed), mean over seeds with the "
+                                   "min-max band, one color per row of summarize.", "curves.png")
+
+
 def dose_parser():
-    p = argparse.ArgumentParser(prog="evaluate.py dose",
-                                description="The strength as a dial: per task, each run's score against its "
-                                            "penalty's size relative to the task loss at the start of "
-                                            "training (first log.jsonl line), one series per method and "
-                                            "reading, ft as a horizontal line (its mean).")
-    p.add_argument("dir", nargs="+", help="one or more folders of runs (train.py --output-dir), read as one "
-                                          "collection, as summarize reads them")
-    p.add_argument("--output", default=None, help="PNG file (default: <first dir>/dose.png)")
-    p.add_argument("--title", default="", help="a title over the plot")
+    p = figure_parser("dose", "The strength as a dial: per task, each run's score against its penalty's size "
+                              "relative to the task loss at the start of training (first log.jsonl line), one "
+                              "series per method and reading, ft as a horizontal line (its mean).", "dose.png")
     p.add_argument("--baseline", default="ft", help="the method drawn as a horizontal line")
-    add_seeds_flag(p)
     return p
 
 
