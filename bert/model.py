@@ -18,8 +18,9 @@ Each layer is post-LayerNorm, as in the original BERT:
 
 Speed tricks sit behind three seams from bert/speed.py, out of the way of the math: `Dropout`
 (fast CPU masks), `attend` (the attention product) and `token_rows` (on a CPU, projections and
-the feed-forward block run on the real tokens alone, so a layer's output is 0 at padding, where
-Hugging Face computes values that every later step masks out). A fourth, `cls_only_last_layer`,
+the feed-forward block run on the real tokens alone, with a few padding rows that round their
+count up to a bucket, so a layer's output is 0 at padding, where Hugging Face computes values
+that every later step masks out). A fourth, `cls_only_last_layer`,
 lets the last layer compute the [CLS] position alone. None changes a value that is read.
 
 Weight names differ from Hugging Face's where a shorter name reads better; bert/weights.py maps
@@ -86,7 +87,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, rows, attn_mask, tokens, cls_query=None):
         """rows -> rows: the tokens' hidden states as `tokens` lays them out, (B, T, H) or the
-        real tokens alone, (N, H) (bert/speed.py). With cls_query, the (B, 1, H) [CLS] rows that
+        real tokens alone, (R, H) (bert/speed.py). With cls_query, the (B, 1, H) [CLS] rows that
         make the queries, the output is (B, 1, H); keys and values still come from every token.
 
         attn_mask is (B, 1, 1, T) bool (True = a real token) or None when nothing is padded.
@@ -122,16 +123,17 @@ class Layer(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, attn_mask, tokens, cls_only=False):                   # x: (B, T, H)
-        rows = tokens.rows(x)                         # (B, T, H), or (N, H): real tokens alone
+        rows = tokens.rows(x)                         # (B, T, H), or (R, H): real tokens alone
         if cls_only:          # only the pooler reads this layer: [CLS] makes the only queries
             cls = x[:, :1]                                                       # (B, 1, H)
             return self.after_attention(cls, self.attention(rows, attn_mask, tokens, cls))
-        y = self.after_attention(rows, self.attention(rows, attn_mask, tokens))
+        y = self.after_attention(rows, self.attention(rows, attn_mask, tokens), tokens.real_rows)
         return tokens.grid(y)                                                    # (B, T, H)
 
-    def after_attention(self, x, attended):
-        x = self.attention_norm(x + self.dropout(attended))     # a = LN(x + Dropout(Attention(x)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))     # y = LN(a + Dropout(FFN(a)))
+    def after_attention(self, x, attended, real_rows=None):
+        # real_rows: how many of the rows are real tokens, for the dropout masks (bert/speed.py)
+        x = self.attention_norm(x + self.dropout(attended, real_rows))   # a = LN(x + Dropout(Attention(x)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x), real_rows))   # y = LN(a + Dropout(FFN(a)))
 
 
 class Pooler(nn.Module):

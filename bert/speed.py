@@ -1,9 +1,9 @@
 """The CPU speed machinery of bert/model.py, behind three small seams.
 
 model.py is written as BERT's math; where that math would be slow on a CPU, it calls one of the
-seams below, which computes the same values another way. None of them changes a result: the
-parity tests hold model.py equal to Hugging Face's BertModel, and tests/test_fast_paths.py holds
-each seam equal to the plain computation. What each buys, measured on the project's 2-core CPU
+seams below, which computes the same values another way. None of them changes a result (one
+footnote: `row_bucket`, with several threads): the parity tests hold model.py equal to Hugging
+Face's BertModel, and tests/test_fast_paths.py holds each seam equal to the plain computation. What each buys, measured on the project's 2-core CPU
 (docs/SPEED.md, "What changed"):
 
 - `Dropout` / `dropout`: masks from random integers. torch's CPU dropout fills a float tensor
@@ -17,9 +17,12 @@ each seam equal to the plain computation. What each buys, measured on the projec
 - `token_rows`: the real tokens alone. No real token reads a padding position (attention masks
   padding keys), so on a CPU every projection, the feed-forward block and the LayerNorms run on
   the N real tokens gathered into an (N, H) matrix, and a layer's output is 0 at padding
-  (changes 3, 6 and 10: GLUE batches with dynamic padding are up to half padding). On a GPU the
-  padded rows are computed: finding the real rows (`nonzero`) would make the host wait for the
-  device at every pass.
+  (changes 3, 6 and 10: GLUE batches with dynamic padding are up to half padding). N differs
+  from batch to batch, and so would the size of every (N, H) and (N, 4H) tensor, which
+  fragments the CPU heap until it grows without bound; so the row count is rounded up to one of
+  a few sizes with padding positions whose results are dropped (`row_bucket`, change 11). On a
+  GPU the padded rows are computed: finding the real rows (`nonzero`) would make the host wait
+  for the device at every pass.
 
 The fourth shortcut, the [CLS]-only last layer, is in model.py itself (`cls_only_last_layer`,
 one `if` in `Layer.forward`): about 5/6 of one layer's work when only the logits are read.
@@ -50,32 +53,45 @@ def keep_mask(shape, p: float, device) -> tuple:
 
 class _DropoutFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, p):
-        keep, scale = keep_mask(x.shape, p, x.device)
-        mask = keep.to(x.dtype).mul_(scale)                       # 0 or 1/(1-p), in x's dtype
+    def forward(ctx, x, p, real_rows):
+        if real_rows is None or real_rows == x.shape[0]:
+            keep, scale = keep_mask(x.shape, p, x.device)
+            mask = keep.to(x.dtype).mul_(scale)                   # 0 or 1/(1-p), in x's dtype
+        else:                            # masks for the real rows; the bucket's extra rows: 0
+            keep, scale = keep_mask((real_rows, *x.shape[1:]), p, x.device)
+            mask = x.new_zeros(x.shape)
+            mask[:real_rows] = keep
+            mask[:real_rows].mul_(scale)
         ctx.save_for_backward(mask)
         return x * mask
 
     @staticmethod
     def backward(ctx, grad):
         mask, = ctx.saved_tensors
-        return grad * mask, None
+        return grad * mask, None, None
 
 
-def dropout(x, p: float, training: bool):
-    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p)."""
+def dropout(x, p: float, training: bool, real_rows: int | None = None):
+    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
+
+    real_rows: x holds token rows (`RealTokens.rows`): real tokens in its first real_rows rows,
+    then padding positions that fill the row bucket. Masks are drawn for the real rows alone, so
+    each real token gets the mask it would get without the bucket, and the random stream moves
+    on by as much; the extra rows are zeroed.
+    """
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or not 0.0 < p < 1.0:
         return F.dropout(x, p, training=True)
-    return _DropoutFunction.apply(x, p)
+    return _DropoutFunction.apply(x, p, real_rows)
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout with the fast CPU masks above (same `p` attribute, same semantics)."""
+    """nn.Dropout with the fast CPU masks above (same `p` attribute, same semantics), and
+    `real_rows` for token rows in a bucket (see `dropout`)."""
 
-    def forward(self, x):
-        return dropout(x, self.p, self.training)
+    def forward(self, x, real_rows=None):
+        return dropout(x, self.p, self.training, real_rows)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -98,8 +114,34 @@ def attend(q, k, v, attn_mask, p: float):
 
 # ----------------------------------------------------------------------------- token rows
 
+# Significant bits kept by row_bucket: a row count is rounded up by less than 1/2^(ROW_BITS-1)
+# of itself, and between n and 2n there are at most 2^(ROW_BITS-1) row counts.
+ROW_BITS = 5
+
+
+def row_bucket(n: int) -> int:
+    """n rounded up to its ROW_BITS most significant bits: 2125 -> 2176, 1470 -> 1472, 21 -> 21.
+
+    Why: each batch of dynamically padded text has its own number of real tokens N, so each
+    step's (N, H) and (N, 4H) tensors have sizes no earlier step had. glibc's heap, which keeps
+    freed blocks for reuse (train.keep_freed_memory), then finds no hole of the right size:
+    larger holes are split, the leftovers are too small for the next (B, h, T, T) attention map,
+    and the heap grows at every few steps, for as long as the run goes on. With row counts from
+    a short list the blocks freed by one step fit the next one with the same count (docs/SPEED.md,
+    change 11 and "Memory on a CPU"). The price: 2-3% more rows on GLUE's batches.
+
+    With one thread every value and gradient is bit for bit that of the N rows alone
+    (tests/test_fast_paths.py). With several, torch splits LayerNorm's weight and bias gradient
+    sums over the rows among the threads, and another row count moves the split: those
+    gradients can differ in the last bits (relative 2e-6 measured on MiniLM).
+    """
+    step = 1 << max(0, n.bit_length() - ROW_BITS)
+    return -(-n // step) * step
+
+
 class AllPositions:
     """Rows are the (B, T, H) hidden states themselves: every position, padding included."""
+    real_rows = None                     # no extra rows to leave out of dropout
 
     def rows(self, x):                   # (B, T, H) -> (B, T, H)
         return x
@@ -109,20 +151,30 @@ class AllPositions:
 
 
 class RealTokens:
-    """Rows are the N real tokens of a padded batch, gathered into an (N, H) matrix."""
+    """Rows are the N real tokens of a padded batch, gathered into an (R, H) matrix: the real
+    tokens first, then R - N padding positions, R = row_bucket(N) (or every position, if the
+    batch has fewer). The extra rows are computed like the rest and dropped by `grid`: a layer's
+    output stays 0 at padding, and no real token reads them (attention masks padding keys, and
+    everything else works row by row), so each real token's values are those of the N rows alone.
+    """
 
     def __init__(self, attn_mask):       # (B, 1, 1, T) bool
         self.B, self.T = attn_mask.shape[0], attn_mask.shape[-1]
-        self.index = attn_mask.reshape(self.B * self.T).nonzero().squeeze(1)      # (N,)
+        real = attn_mask.reshape(self.B * self.T)                                # (B*T,)
+        self.real = real.nonzero().squeeze(1)                                    # (N,)
+        self.real_rows = N = len(self.real)
+        extra = min(row_bucket(N), self.B * self.T) - N
+        self.index = torch.cat([self.real, (~real).nonzero().squeeze(1)[:extra]]) if extra else self.real
 
-    def rows(self, x):                   # (B, T, H) -> (N, H)
+    def rows(self, x):                   # (B, T, H) -> (R, H)
         # index_select, not x[index]: the same rows, but a plain row copy instead of advanced
         # indexing's general path, several times faster on a CPU (docs/SPEED.md, change 10).
         return x.reshape(self.B * self.T, x.shape[-1]).index_select(0, self.index)
 
-    def grid(self, rows):                # (N, H) -> (B, T, H), 0 at padding
+    def grid(self, rows):                # (R, H) -> (B, T, H): the real rows in place, 0 at padding
         H = rows.shape[-1]
-        return rows.new_zeros(self.B * self.T, H).index_copy_(0, self.index, rows).view(self.B, self.T, H)
+        return (rows.new_zeros(self.B * self.T, H).index_copy_(0, self.real, rows[:self.real_rows])
+                .view(self.B, self.T, H))
 
 
 def token_rows(attn_mask, device):

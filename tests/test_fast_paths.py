@@ -6,6 +6,8 @@
   scaled_dot_product_attention when nothing is dropped.
 * `cls_only_last_layer`: the last layer computes the [CLS] position only; logits and every
   parameter's gradient equal those of the full computation (float64, 1e-10).
+* Row buckets (`row_bucket`, `RealTokens`): the extra padding rows change no bit of any value,
+  gradient or dropout mask, nor the random stream (float32, training mode, LNSR's second pass).
 """
 import math
 
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 from bert import model as bert_model
-from bert.speed import Dropout, dropout, keep_mask
+from bert import speed
+from bert.speed import Dropout, dropout, keep_mask, row_bucket
 import tiny
 
 # With p this small, round(p * 2^32) = 0: nothing is dropped and the scale is exactly 1, but the
@@ -153,3 +156,52 @@ def test_regularizers_that_read_hidden_states_get_the_full_last_layer():
                if regularizers.method_class(name).reads_hidden_states}
     assert readers == {"lnsr"}
     assert bert_model.BertModel(tiny.tiny_model().config).cls_only_last_layer is False
+
+
+def test_row_bucket_rounds_up_to_few_sizes():
+    assert [row_bucket(n) for n in (1, 21, 31, 32, 33, 1470, 2048, 2125, 2656)] == \
+        [1, 21, 31, 32, 34, 1472, 2048, 2176, 2688]
+    counts = range(1, 5000)
+    assert all(n <= row_bucket(n) < n * (1 + 2 ** -(speed.ROW_BITS - 1)) for n in counts)
+    assert len({row_bucket(n) for n in range(1025, 2049)}) == 2 ** (speed.ROW_BITS - 1)   # 1088 .. 2048
+
+
+def bucketed_step(monkeypatch, bucket):
+    """One float32 LNSR training step with dropout on; the values it returns, and its rows."""
+    from regularizers.lnsr import LNSR, LNSROptions
+    monkeypatch.setattr(speed, "row_bucket", bucket)
+    model = tiny.tiny_model(num_layers=3, dropout=0.1, heads=4).train()
+    batch = tiny.tiny_batch(T=40, pad=(0, 13, 31))                  # 40 + 27 + 9 = 76 real tokens
+    rows = []
+    model.bert.layers[0].ffn.register_forward_hook(lambda m, inputs, out: rows.append(inputs[0].shape[0]))
+    method = LNSR(LNSROptions(sigma=0.01))
+    method.setup(model, seed=5)
+    torch.manual_seed(7)
+    out = tiny.forward(model, batch)
+    loss = torch.nn.functional.cross_entropy(out.logits, batch["labels"]) + method.penalty(model, batch, out)
+    loss.backward()
+    values = [out.logits, loss, *out.hidden_states, torch.get_rng_state()]
+    return values, {n: p.grad for n, p in model.named_parameters()}, rows
+
+
+def test_bucketed_rows_change_no_bit_of_any_value_or_gradient(monkeypatch):
+    """The extra rows are computed and dropped; every real token's value, every gradient, the
+    dropout masks and the random stream are bit for bit those of the real rows alone. One thread:
+    with several, torch splits LayerNorm's weight and bias gradient sums over the rows among the
+    threads, and another row count moves the split, which can change their last bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain, plain_grads, plain_rows = bucketed_step(monkeypatch, lambda n: n)
+        coarse = lambda n: -(-n // 32) * 32                               # 76 -> 96: 20 extra rows
+        bucketed, bucketed_grads, bucketed_rows = bucketed_step(monkeypatch, coarse)
+    finally:
+        torch.set_num_threads(threads)
+    assert plain_rows == [76, 76] and bucketed_rows == [96, 96]          # clean and noisy pass
+    bits = lambda t: t.detach().reshape(-1).view(torch.uint8)
+    for a, b in zip(plain, bucketed):
+        assert torch.equal(bits(a), bits(b))
+    for name, grad in plain_grads.items():
+        assert torch.equal(bits(grad), bits(bucketed_grads[name])), name
+    layer_outputs = bucketed[3:-1]                                        # x^2 .. x^{L+1}
+    assert all(torch.count_nonzero(x[2, 9:]) == 0 for x in layer_outputs)   # 0 at padding

@@ -170,3 +170,17 @@ def test_real_tokenizer_on_rte_and_cola():
     batch = glue.batches(cola, 64)[0]
     assert batch["input_ids"].shape[1] == max(cola.lengths) < 128
     assert torch.equal(batch["input_ids"] == tokenizer.pad_id, batch["attention_mask"] == 0)
+
+
+@pytest.mark.skipif(not (SHARED_GLUE / "RTE" / "train.tsv").is_file(), reason=f"no GLUE files in {SHARED_GLUE}")
+def test_row_counts_of_an_rte_epoch_repeat():
+    """On a CPU a layer runs on a batch's real tokens, their count rounded up by
+    bert.speed.row_bucket. Over an epoch of RTE's training batches nearly every batch has a token
+    count of its own, but the rounded counts come from a short list, so tensor sizes repeat from
+    step to step (docs/SPEED.md, change 11), for 2-3% more rows."""
+    from bert.speed import row_bucket
+    features = glue.encode(glue.load_examples("rte", "train", SHARED_GLUE), minilm_tokenizer(), max_seq_length=128)
+    counts = [int(batch["attention_mask"].sum()) for batch in glue.batches(features, 32, seed=0)]
+    assert len(counts) == 78 and len(set(counts)) == 75
+    assert len({row_bucket(n) for n in counts}) == 10
+    assert sum(counts) < sum(row_bucket(n) for n in counts) < 1.03 * sum(counts)
