@@ -524,7 +524,6 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
                     raise RunFailed(reason)
                 if weight != 1.0:                # a data-parallel rank's share of the batch mean
                     total = total * weight
-                optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -536,6 +535,11 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
                 sum_loss += loss.detach() * share if share != 1.0 else loss.detach()
                 if penalty is not None:
                     sum_penalty += penalty.detach() * share if share != 1.0 else penalty.detach()
+                # Only the weights and Adam's state outlive a step. Kept until the next step replaces
+                # them, its gradients and hidden states would sit in the middle of the heap while that
+                # step's forward pass allocates around them (docs/SPEED.md, "Memory on a CPU").
+                optimizer.zero_grad(set_to_none=True)
+                del outputs, loss, penalty, total
                 log_step = step % args.log_every == 0 or step == total_steps
                 if log_step:
                     mean_loss = ranks.all_sum(sum_loss).item() / since_log

@@ -203,12 +203,12 @@ def check_same_outputs(name, ours, hf, batch, device):
 
 def ours_train_step(model, optimizer, method, batch, precision, device):
     """train.py's loop body (train_one) for one batch, without the scheduler and the logging."""
+    optimizer.zero_grad(set_to_none=True)
     with train.autocast(device, precision):
         outputs = model(*ours_inputs(batch))
         loss = train.task_loss(outputs.logits, batch["labels"], is_regression=False)
         penalty = method.penalty(model, batch, outputs)
     total = loss if penalty is None else loss + penalty
-    optimizer.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
     optimizer.step()
@@ -217,10 +217,10 @@ def ours_train_step(model, optimizer, method, batch, precision, device):
 
 def hf_train_step(model, optimizer, batch, precision, device):
     """The same step for HF's model: same loss function, clipping and optimizer."""
+    optimizer.zero_grad(set_to_none=True)
     with train.autocast(device, precision):
         logits = model(**hf_inputs(batch)).logits
         loss = train.task_loss(logits, batch["labels"], is_regression=False)
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
     optimizer.step()
