@@ -11,9 +11,10 @@ Face's BertModel, and tests/test_fast_paths.py holds each seam equal to the plai
   the same Bernoulli(1 - p) masks several times faster (change 1). On a GPU torch's fused
   dropout runs.
 - `attend`: softmax(Q K^T / sqrt(d) + mask) V. In training on a CPU it is written out, so that
-  the attention probabilities go through the fast dropout above; everywhere else it is torch's
-  scaled_dot_product_attention (on a CPU with dropout, SDPA takes the same written-out path,
-  with torch's slower masks).
+  the attention probabilities go through the fast dropout masks above, and the backward pass
+  keeps the probabilities and a 1-byte mask instead of three float maps (a third of a step's
+  memory, change 13); everywhere else it is torch's scaled_dot_product_attention (on a CPU with
+  dropout, SDPA takes the same written-out path, with torch's slower masks).
 - `token_rows`: the real tokens alone. No real token reads a padding position (attention masks
   padding keys), so on a CPU every projection, the feed-forward block and the LayerNorms run on
   the N real tokens gathered into an (N, H) matrix, and a layer's output is 0 at padding
@@ -108,8 +109,35 @@ def attend(q, k, v, attn_mask, p: float):
         if attn_mask is not None:        # -inf before the softmax: weight 0 on padding
             scores.add_(torch.zeros(attn_mask.shape, dtype=scores.dtype, device=q.device)
                         .masked_fill_(~attn_mask, float("-inf")))           # (B, 1, 1, T)
-        return dropout(scores.softmax(dim=-1), p, True) @ v
+        return _DroppedProbsTimesValues.apply(scores.softmax(dim=-1), v, p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+
+
+class _DroppedProbsTimesValues(torch.autograd.Function):
+    """dropout(P) V, keeping for the backward pass P and a bool mask, not dropout(P) as well.
+
+    Written as `dropout(P) @ V`, autograd keeps three (B, h, T, T) maps per layer: P (for the
+    softmax), the float mask (for dropout) and dropout(P) (for the product); at T = 128 on a
+    batch of 32 that is 72 MiB a layer, the largest part of what a step holds (docs/SPEED.md,
+    "Memory on a CPU"). This keeps P, which the softmax keeps anyway, and the 1-byte mask, and
+    recomputes the float mask and dropout(P) from them in the backward pass: the same operations
+    on the same numbers, so the same bits (tests/test_fast_paths.py).
+    """
+
+    @staticmethod
+    def forward(ctx, probs, v, p):                  # probs (B, h, T, T), v (B, h, T, d)
+        keep, scale = keep_mask(probs.shape, p, probs.device)
+        ctx.save_for_backward(probs, keep, v)
+        ctx.scale = scale
+        return (probs * keep.to(probs.dtype).mul_(scale)) @ v                  # (B, h, T, d)
+
+    @staticmethod
+    def backward(ctx, grad):                        # grad (B, h, T, d)
+        probs, keep, v = ctx.saved_tensors
+        mask = keep.to(probs.dtype).mul_(ctx.scale)                           # 0 or 1/(1-p)
+        grad_v = (probs * mask).transpose(-1, -2) @ grad                      # (B, h, T, d)
+        grad_probs = (grad @ v.transpose(-1, -2)).mul_(mask)                  # (B, h, T, T)
+        return grad_probs, grad_v, None
 
 
 # ----------------------------------------------------------------------------- token rows
