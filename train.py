@@ -740,9 +740,14 @@ def keep_freed_memory():
     32 MiB mmap threshold (glibc's largest) and a 1 GiB trim threshold keep those blocks in the
     heap. Linux with glibc only; elsewhere, or if libc cannot be loaded, this does nothing.
 
-    The price is memory: batches of changing shapes fragment the heap, and a run's resident
-    memory grows (docs/USAGE.md, "Memory on a CPU grows during a run"). A user who sets glibc's
-    own MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ has chosen otherwise: then this does nothing.
+    The price is memory: the heap keeps the holes between freed blocks too, and a run's resident
+    memory levels off about a third above what a step holds (an LNSR run on RTE: 3.66 GiB).
+    It levels off because the blocks of one step fit the next: tensor sizes repeat from step to
+    step (bert/speed.py rounds the real-token row counts, `row_bucket`) and a step frees what
+    it made before the next one starts (`train_one`). With a new size at every step the heap
+    grew for as long as the run went on (docs/SPEED.md, "Memory on a CPU"). A user who sets
+    glibc's own MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ has chosen otherwise: then this
+    does nothing (docs/USAGE.md, "Memory on a CPU").
     """
     if not sys.platform.startswith("linux") or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
         return
