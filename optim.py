@@ -12,9 +12,10 @@ For each parameter w with gradient g, at every step:
 Without bias correction the first updates are small (m starts at 0), a warm-up of its own;
 Mosbach et al. (2020) tie this to fine-tuning instability, which is what the paper studies.
 
-The class below runs this update in torch's fused Adam kernel (one pass over memory instead of
-about twenty; the step of a 22M-parameter model is memory-bound), and keeps the line-by-line
-version as `fused=False`; tests/test_optim.py checks both against a float64 hand computation.
+The class below writes this update out line by line. By default it runs the same math in
+torch's fused Adam kernel (`fused_adam_step`: one pass over memory instead of about twenty; the
+step of a 22M-parameter model is memory-bound); tests/test_optim.py checks both against a float64
+hand computation and against each other.
 
 Schedule: linear warm-up from 0 over the first 10% of the steps, then linear decay to 0,
 as `transformers.get_linear_schedule_with_warmup`.
@@ -25,19 +26,14 @@ import torch
 
 
 class AdamNoBiasCorrection:
-    """The update of the module docstring. `fused=False` runs it line by line with _foreach_ ops
-    (the readable reference); `fused=True` (the default) runs the same math in torch's fused
-    Adam kernel, see `_fused_step`.
+    """The update of the module docstring, written out line by line in `step`. With `fused=True`
+    (the default) `step` hands the same math to torch's fused Adam kernel instead, a speed seam
+    (`fused_adam_step`, below the class); tests/test_optim.py holds the two equal.
 
     It keeps torch.optim's interface (param_groups, state, step, zero_grad) without subclassing
     torch.optim.Optimizer: the base class imports torch._dynamo on its first call, about 1.2 s
     of every training process on a 2-core CPU, for a compiler this loop never uses.
     """
-
-    # Adam's bias correction divides by 1 - beta^t. At t = 2^40, beta1^t and beta2^t underflow
-    # to exactly 0 (0.999^(2^40) < 1e-400000), so both divisors are exactly 1: a kernel that
-    # applies the correction computes the uncorrected update when told that t is this large.
-    NO_BIAS_CORRECTION_STEP = 2.0 ** 40
 
     def __init__(self, params, lr=2e-5, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, fused=True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -103,37 +99,48 @@ class AdamNoBiasCorrection:
             v = [self.state[p]["v"] for p in params]
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            if self.fused:
-                self._fused_step(params, grads, m, v, lr, beta1, beta2, eps)
-            else:
-                # The _foreach_ ops apply each line to the whole list of tensors at once (one
-                # kernel launch per line instead of one per parameter); the math is the docstring's.
+            if not self.fused:
+                # The docstring's update. Each _foreach_ op applies its line to every parameter
+                # of the group at once (one kernel launch per line instead of one per parameter).
                 denom = [self.state[p]["denom"] for p in params]
-                torch._foreach_lerp_(m, grads, 1 - beta1)               # m = beta1 m + (1-beta1) g
-                torch._foreach_mul_(v, beta2)
+                torch._foreach_lerp_(m, grads, 1 - beta1)               # m <- beta1 m + (1-beta1) g
+                torch._foreach_mul_(v, beta2)                           # v <- beta2 v + (1-beta2) g^2
                 torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
                 torch._foreach_copy_(denom, v)
                 torch._foreach_sqrt_(denom)                             # sqrt(v) + eps
                 torch._foreach_add_(denom, eps)
-                torch._foreach_addcdiv_(params, m, denom, value=-lr)
+                torch._foreach_addcdiv_(params, m, denom, value=-lr)    # w <- w - lr m / (sqrt(v) + eps)
+            else:
+                fused_adam_step(params, grads, m, v, lr, beta1, beta2, eps, self._step_count(params[0].device))
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)                # decoupled, after the update
 
-    def _fused_step(self, params, grads, m, v, lr, beta1, beta2, eps):
-        """m, v and w updated in one pass over memory per parameter (torch's fused Adam kernel).
-
-        The step is memory-bound: the eight _foreach_ lines read and write every parameter-sized
-        tensor about twenty times, the fused kernel seven. The kernel's bias correction is
-        switched off by NO_BIAS_CORRECTION_STEP, and its weight decay (which it would apply to
-        the gradient, before the update) is 0: the decoupled decay is applied afterwards in
-        `step`, as in the reference path.
-        """
-        device = params[0].device
+    def _step_count(self, device):
         if device not in self._steps:
-            self._steps[device] = torch.tensor(self.NO_BIAS_CORRECTION_STEP, device=device)
-        torch._fused_adam_(params, grads, m, v, [], [self._steps[device]] * len(params),
-                           lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
-                           amsgrad=False, maximize=False)
+            self._steps[device] = torch.tensor(NO_BIAS_CORRECTION_STEP, device=device)
+        return self._steps[device]
+
+
+# ----------------------------------------------------------------------------- the fused seam
+
+# Adam's bias correction divides by 1 - beta^t. At t = 2^40, beta1^t and beta2^t underflow to
+# exactly 0 (0.999^(2^40) < 1e-400000), so both divisors are exactly 1: a kernel that applies
+# the correction computes the uncorrected update when told that t is this large.
+NO_BIAS_CORRECTION_STEP = 2.0 ** 40
+
+
+def fused_adam_step(params, grads, m, v, lr, beta1, beta2, eps, step_count):
+    """`AdamNoBiasCorrection.step`'s update, in one pass over memory per parameter.
+
+    Why: the step is memory-bound; the eight _foreach_ lines read and write every
+    parameter-sized tensor about twenty times, torch's fused Adam kernel seven. The kernel's bias
+    correction is switched off by telling it t = NO_BIAS_CORRECTION_STEP (`step_count`), and its
+    weight decay (which it would add to the gradient) is 0: the decoupled decay is applied
+    afterwards in `step`, as on the plain path.
+    """
+    torch._fused_adam_(params, grads, m, v, [], [step_count] * len(params),
+                       lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
+                       amsgrad=False, maximize=False)
 
 
 def parameter_groups(model, weight_decay):
