@@ -176,11 +176,12 @@ def test_padded_batch_equals_examples_run_one_by_one(train):
         torch.testing.assert_close(batched[name], p.grad, atol=1e-10, rtol=0, msg=name)
 
 
-def test_regularizers_that_read_hidden_states_get_the_full_last_layer():
+def test_lnsr_reads_every_layer_and_the_model_computes_the_full_last_layer_unless_told():
+    # LNSR's penalty reads layers b..L at every position, so train.py must not let the last layer
+    # compute [CLS] alone for it; any method that says so gets the same (tests/test_train.py,
+    # a method defined in a test).
     import regularizers
-    readers = {name for name in regularizers.METHODS
-               if regularizers.method_class(name).reads_hidden_states}
-    assert readers == {"lnsr"}
+    assert regularizers.method_class("lnsr").reads_hidden_states
     assert bert_model.BertModel(tiny.tiny_model().config).cls_only_last_layer is False
 
 

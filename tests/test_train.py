@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import evaluate
+import regularizers
 import tiny
 from bert.errors import InputError
+from regularizers.base import Regularizer
 import train
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"
@@ -563,3 +565,36 @@ def test_a_subset_tokenizes_only_its_rows_and_equals_those_rows_of_the_whole_spl
         assert part.labels == [whole.labels[i] for i in keep] and part.pad_id == whole.pad_id
         assert split.subset(n=len(examples) + 5).input_ids == whole.input_ids   # more than there are: all
         assert encoded == [24, len(examples)] and len(split) == len(examples)
+
+
+@dataclasses.dataclass
+class LastLayerNormOptions:
+    weight: float = dataclasses.field(default=0.1, metadata={"help": "the penalty's weight"})
+
+
+class LastLayerNorm(Regularizer):
+    """A method as a user would add one (docs/USAGE.md), defined here and nowhere in the project:
+    weight * the mean squared norm of the last layer's hidden states, at every position."""
+    name = "lastnorm"
+    Options = LastLayerNormOptions
+    reads_hidden_states = True
+    shapes_seen = []                     # (hidden_states[L].shape, input_ids.shape) per call
+
+    def penalty(self, model, batch, outputs):
+        last = outputs.hidden_states[-1]                                         # (B, T, H)
+        LastLayerNorm.shapes_seen.append((tuple(last.shape[:2]), tuple(batch["input_ids"].shape)))
+        return self.options.weight * last.pow(2).sum(-1).mean()
+
+
+def test_a_method_defined_outside_the_project_trains_after_one_line_of_registration(tmp_path, tiny_model,
+                                                                                    monkeypatch):
+    monkeypatch.setitem(regularizers.METHODS, "lastnorm", f"{__name__}:LastLayerNorm")
+    LastLayerNorm.shapes_seen.clear()
+    assert run(tmp_path, "--method", "lastnorm", "--lastnorm-weight", "0.5", model=tiny_model) == 0
+    results, log = read_run(tmp_path, "lastnorm", 1)
+    # Every training step read the whole last layer: (B, T) hidden states, not [CLS] alone.
+    assert len(LastLayerNorm.shapes_seen) == 3                # 24 examples in batches of 8
+    assert all(seen == batch for seen, batch in LastLayerNorm.shapes_seen)
+    assert all(line["penalty"] > 0 for line in log if "penalty" in line)
+    config = json.loads((tmp_path / "runs" / "RTE" / "lastnorm" / "seed1" / "config.json").read_text())
+    assert config["settings"]["method_options"] == {"weight": 0.5}
