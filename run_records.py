@@ -108,9 +108,9 @@ class RunFiles:
 
 # train.py flags added later -> the behaviour of every run made before them.
 LEGACY_SETTINGS = {
-    # Runs before 2026-12-02 drew all dropout masks of a run from one stream seeded once.
+    # A record without it drew all dropout masks of a run from one stream seeded once.
     "dropout_stream": "run",
-    # Runs before 2026-12-02 ran on CPUs only, where TF32 does not exist, and had no such flag.
+    # A record without it ran on a CPU, where TF32 does not exist.
     "allow_tf32": False,
     "deterministic": False,
     # ... and in one process each: --data-parallel came later.

@@ -116,7 +116,7 @@ def build_parser():
                    help="step: the dropout masks of step t are drawn from a stream seeded by (seed, t) "
                         "alone, so runs of one seed are paired: every method that keeps the clean pass "
                         "sees ft's masks in layers 1..L-1 at every step; run: one stream seeded once "
-                        "per run, as all runs made before 2026-12-02 (results/glue)")
+                        "per run, as the runs of results/glue were made")
     p.add_argument("--data-seed", type=int, default=None,
                    help="seed for data order and subsets only (default: --seed)")
     p.add_argument("--init-seed", type=int, default=None,

@@ -3,25 +3,26 @@
 model.py is written as BERT's math; where that math would be slow on a CPU, it calls one of the
 seams below, which computes the same values another way. None of them changes a result (one
 footnote: `row_bucket`, with several threads): the parity tests hold model.py equal to Hugging
-Face's BertModel, and tests/test_fast_paths.py holds each seam equal to the plain computation. What each buys, measured on the project's 2-core CPU
-(docs/SPEED.md, "What changed"):
+Face's BertModel, and tests/test_fast_paths.py holds each seam equal to the plain computation.
+What each buys is measured in docs/SPEED.md ("What changed", under the names given here):
 
 - `Dropout` / `dropout`: masks from random integers. torch's CPU dropout fills a float tensor
   with `bernoulli_`, element by element; comparing 32-bit random integers with a threshold draws
-  the same Bernoulli(1 - p) masks several times faster (change 1). On a GPU torch's fused
-  dropout runs.
+  the same Bernoulli(1 - p) masks several times faster ("Dropout masks from random integers").
+  On a GPU torch's fused dropout runs.
 - `attend`: softmax(Q K^T / sqrt(d) + mask) V. In training on a CPU it is written out, so that
   the attention probabilities go through the fast dropout masks above, and the backward pass
-  keeps the probabilities and a 1-byte mask instead of three float maps (a third of a step's
-  memory, change 13); everywhere else it is torch's scaled_dot_product_attention (on a CPU with
-  dropout, SDPA takes the same written-out path, with torch's slower masks).
+  keeps the probabilities and a 1-byte mask instead of three float maps, a third of what an
+  LNSR step holds ("Attention dropout keeps a bool mask"); everywhere else it is torch's
+  scaled_dot_product_attention (on a CPU with dropout, SDPA takes the same written-out path,
+  with torch's slower masks).
 - `token_rows`: the real tokens alone. No real token reads a padding position (attention masks
   padding keys), so on a CPU every projection, the feed-forward block and the LayerNorms run on
-  the N real tokens gathered into an (N, H) matrix, and a layer's output is 0 at padding
-  (changes 3, 6 and 10: GLUE batches with dynamic padding are up to half padding). N differs
+  the N real tokens gathered into an (N, H) matrix, and a layer's output is 0 at padding: GLUE
+  batches with dynamic padding are up to half padding ("Padding rows are skipped"). N differs
   from batch to batch, and so would the size of every (N, H) and (N, 4H) tensor, which
   fragments the CPU heap until it grows without bound; so the row count is rounded up to one of
-  a few sizes with padding positions whose results are dropped (`row_bucket`, change 11). On a
+  a few sizes with padding positions whose results are dropped ("Row counts in buckets"). On a
   GPU the padded rows are computed: finding the real rows (`nonzero`) would make the host wait
   for the device at every pass.
 
@@ -156,7 +157,7 @@ def row_bucket(n: int) -> int:
     larger holes are split, the leftovers are too small for the next (B, h, T, T) attention map,
     and the heap grows at every few steps, for as long as the run goes on. With row counts from
     a short list the blocks freed by one step fit the next one with the same count (docs/SPEED.md,
-    change 11 and "Memory on a CPU"). The price: 2-3% more rows on GLUE's batches.
+    "Row counts in buckets" and "Memory on a CPU"). The price: 2-3% more rows on GLUE's batches.
 
     With one thread every value and gradient is bit for bit that of the N rows alone
     (tests/test_fast_paths.py). With several, torch splits LayerNorm's weight and bias gradient
@@ -196,7 +197,8 @@ class RealTokens:
 
     def rows(self, x):                   # (B, T, H) -> (R, H)
         # index_select, not x[index]: the same rows, but a plain row copy instead of advanced
-        # indexing's general path, several times faster on a CPU (docs/SPEED.md, change 10).
+        # indexing's general path, several times faster on a CPU (docs/SPEED.md, "Rows
+        # gathered with `index_select`").
         return x.reshape(self.B * self.T, x.shape[-1]).index_select(0, self.index)
 
     def grid(self, rows):                # (R, H) -> (B, T, H): the real rows in place, 0 at padding

@@ -177,7 +177,7 @@ def test_row_counts_of_an_rte_epoch_repeat():
     """On a CPU a layer runs on a batch's real tokens, their count rounded up by
     bert.speed.row_bucket. Over an epoch of RTE's training batches nearly every batch has a token
     count of its own, but the rounded counts come from a short list, so tensor sizes repeat from
-    step to step (docs/SPEED.md, change 11), for 2-3% more rows."""
+    step to step (docs/SPEED.md, "Row counts in buckets"), for 2-3% more rows."""
     from bert.speed import row_bucket
     features = glue.encode(glue.load_examples("rte", "train", SHARED_GLUE), minilm_tokenizer(), max_seq_length=128)
     counts = [int(batch["attention_mask"].sum()) for batch in glue.batches(features, 32, seed=0)]
