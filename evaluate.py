@@ -584,7 +584,8 @@ def cmd_run(argv):
     import glue
     from bert.model import BertClassifier
     from bert.tokenizer import Tokenizer
-    from train import NumericRecipe, apply_recipe, pick_device, predict
+    from numerics import NumericRecipe, apply_recipe, pick_device
+    from scoring import predict
 
     run_dir = Path(args.run_dir)
     config_path = run_dir / "config.json"

@@ -162,3 +162,23 @@ def one_answer(results: dict) -> str | None:
     if isinstance(std, (int, float)) and std < 1e-3:
         return f"constant {name} scores (std {std:.1e})"
     return None
+
+
+class RunFailed(Exception):
+    """A run that could not finish (a loss that is not finite): failed.json says why."""
+
+
+def versions() -> dict:
+    """The software a run was made with, and the commit of this checkout, for config.json."""
+    import platform
+    import subprocess
+    import tokenizers
+    import torch
+    v = {"python": platform.python_version(), "torch": torch.__version__,
+         "tokenizers": tokenizers.__version__, "platform": platform.platform()}
+    try:
+        v["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                         cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        v["git_commit"] = None
+    return v

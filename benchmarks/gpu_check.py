@@ -18,7 +18,7 @@ What it checks (rows with a limit are checks; the others are measurements):
   precision    LNSR in training mode with dropout on: with sigma 0 and shared masks the penalty
                is exactly 0 (the noisy pass replays the clean pass's dropout masks through the
                device's RNG), with independent masks it is not (dropout is really on); in the
-               policy's recipe (train.numeric_recipe: full fp32 for LNSR) the penalty at sigma
+               policy's recipe (numerics.numeric_recipe: full fp32 for LNSR) the penalty at sigma
                1e-4 is about 100 times the one at 1e-5, as sigma^2 says, which fails if the
                device rounds the noise away; and the penalty with TF32 forced on, over the
                policy's: what TF32 would do to it.
@@ -66,6 +66,8 @@ import torch  # noqa: E402
 
 import glue  # noqa: E402
 import optim  # noqa: E402
+import numerics  # noqa: E402
+import scoring  # noqa: E402
 import train  # noqa: E402
 from bert.model import BertClassifier, BertModel  # noqa: E402
 from regularizers import method_class  # noqa: E402
@@ -148,17 +150,17 @@ def padded_batch(vocab_size, batch_size, length, device):
 
 def check_parity(folder: Path, device, shape_name: str, batch_size, length) -> list:
     from transformers import BertModel as HFBertModel
-    train.apply_recipe(train.NumericRecipe("fp32", False))
+    numerics.apply_recipe(numerics.NumericRecipe("fp32", False))
     ours_cpu = BertModel.from_pretrained(folder, verbose=False).eval()
     ours = BertModel.from_pretrained(folder, verbose=False).to(device).eval()
     hf = HFBertModel.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32).to(device).eval()
     batch = padded_batch(ours.config.vocab_size, batch_size, length, torch.device("cpu"))
-    inputs = [batch[k] for k in train.MODEL_INPUTS]
+    inputs = [batch[k] for k in scoring.MODEL_INPUTS]
     real = batch["attention_mask"].bool()                                      # (B, T)
     with torch.no_grad():
         on_cpu = ours_cpu(*inputs).hidden_states
         on_device = ours(*(x.to(device) for x in inputs)).hidden_states
-        reference = hf(**{k: batch[k].to(device) for k in train.MODEL_INPUTS},
+        reference = hf(**{k: batch[k].to(device) for k in scoring.MODEL_INPUTS},
                        output_hidden_states=True).hidden_states
     worst = lambda a, b: max(float((x.cpu()[real] - y.cpu()[real]).abs().max()) for x, y in zip(a, b))
     vs_cpu, vs_hf = worst(on_device, on_cpu), worst(on_device, reference)
@@ -174,22 +176,22 @@ def lnsr_penalty(model, batch, seed=0, **options) -> float:
     method = LNSR(LNSROptions(**options))
     method.setup(model, seed)
     with torch.no_grad():
-        outputs = model(*(batch[k] for k in train.MODEL_INPUTS))
+        outputs = model(*(batch[k] for k in scoring.MODEL_INPUTS))
         return float(method.penalty(model, batch, outputs))
 
 
 def check_precision(folder: Path, device, batch_size, length) -> list:
-    recipe = train.numeric_recipe("auto", [method_class("ft"), method_class("lnsr")], device.type,
-                                  train.native_bf16(device))
+    recipe = numerics.numeric_recipe("auto", [method_class("ft"), method_class("lnsr")], device.type,
+                                  numerics.native_bf16(device))
     model = BertClassifier.from_pretrained(folder, num_labels=2, verbose=False).to(device).train()
     batch = padded_batch(model.config.vocab_size, batch_size, length, device)
-    train.apply_recipe(recipe)
+    numerics.apply_recipe(recipe)
     shared_zero = lnsr_penalty(model, batch, sigma=0.0)
     independent_zero = lnsr_penalty(model, batch, sigma=0.0, dropout="independent")
     p4, p5 = lnsr_penalty(model, batch, sigma=1e-4), lnsr_penalty(model, batch, sigma=1e-5)
-    train.apply_recipe(train.NumericRecipe("fp32", True))             # TF32 forced on
+    numerics.apply_recipe(numerics.NumericRecipe("fp32", True))             # TF32 forced on
     p4_tf32 = lnsr_penalty(model, batch, sigma=1e-4)
-    train.apply_recipe(recipe)
+    numerics.apply_recipe(recipe)
     low, high = SIGMA_SQUARED_RANGE
     ratio = p4 / p5 if p5 > 0 else math.inf
     return [Row("precision", f"policy for --methods ft,lnsr on {device.type}",
@@ -241,7 +243,7 @@ def check_speed(folder: Path, device, settings, batch_size, length) -> list:
     lnsr_opt = optim.make_optimizer(lnsr_model, "adam")
     lnsr = LNSR(LNSROptions())
     lnsr.setup(lnsr_model, 0)
-    policy = "fp32"                   # train.numeric_recipe for any command with LNSR in it
+    policy = "fp32"                   # numerics.numeric_recipe for any command with LNSR in it
     steps = {
         f"ours ft {policy}": (partial(bench_step.ours_train_step, ours, ours_opt, FineTune(), batch, policy, device), 3),
         f"HF ft {policy}": (partial(bench_step.hf_train_step, hf, hf_opt, batch, policy, device), 3),
@@ -251,7 +253,7 @@ def check_speed(folder: Path, device, settings, batch_size, length) -> list:
     }
     for model in (ours, hf, lnsr_model):
         model.train()
-    train.apply_recipe(train.NumericRecipe("fp32", False))
+    numerics.apply_recipe(numerics.NumericRecipe("fp32", False))
     memory = {name: peak_bytes(fn, device) for name, (fn, _) in steps.items()}   # also the warm-up
     times = bench_step.median_times({name: fn for name, (fn, _) in steps.items()}, settings, device)
     for model in (ours, hf):

@@ -153,7 +153,7 @@ def row_bucket(n: int) -> int:
 
     Why: each batch of dynamically padded text has its own number of real tokens N, so each
     step's (N, H) and (N, 4H) tensors have sizes no earlier step had. glibc's heap, which keeps
-    freed blocks for reuse (train.keep_freed_memory), then finds no hole of the right size:
+    freed blocks for reuse (numerics.keep_freed_memory), then finds no hole of the right size:
     larger holes are split, the leftovers are too small for the next (B, h, T, T) attention map,
     and the heap grows at every few steps, for as long as the run goes on. With row counts from
     a short list the blocks freed by one step fit the next one with the same count (docs/SPEED.md,

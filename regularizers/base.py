@@ -27,7 +27,7 @@ class Regularizer:
     reads_hidden_states = False
     # True if the method perturbs inputs or hidden states by amounts below the resolution of
     # bf16 and TF32 (LNSR, FT+Noise, SMART, R3F): train.py then runs every arm of the command in
-    # full fp32 (see train.numeric_recipe), since in those formats the noise is rounded away.
+    # full fp32 (see numerics.numeric_recipe), since in those formats the noise is rounded away.
     needs_fp32 = False
 
     def __init__(self, options=None):

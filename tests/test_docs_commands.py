@@ -18,6 +18,8 @@ import pytest
 
 import analysis
 import evaluate
+import cli
+import sweep
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +104,7 @@ def test_the_guides_train_commands_parse_and_dry_run(guide, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     for argv in found:
         if "--data-parallel" in argv:
-            train.build_parser().parse_args(argv)
+            cli.build_parser(train.TrainConfig()).parse_args(argv)
         else:
             assert train.main(argv + ["--dry-run"]) == 0, (argv, capsys.readouterr().err)
     assert not list(tmp_path.iterdir()), "a dry run created files"
@@ -122,7 +124,7 @@ def at_repository_root(monkeypatch):
     monkeypatch.chdir(ROOT)
     # The committed runs were made on a CPU with native bf16 (docs/RESULTS.md, "Setup"), where
     # --precision auto gives ft, l2sp and mixout bf16: check them as that machine read them.
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    monkeypatch.setattr(sweep, "native_bf16", lambda device: True)
 
 
 @pytest.mark.parametrize("report, section, argv", [c for c in all_commands() if c[2][0] == "train.py"],
@@ -169,7 +171,7 @@ def test_figure_commands_run(at_repository_root, tmp_path, capsys):
     saved_runs = set()
     for argv in report_commands:
         if argv[0] == "train.py" and "--save-model" in argv:
-            args = train.build_parser().parse_args(argv[1:])
+            args = cli.build_parser(train.TrainConfig()).parse_args(argv[1:])
             method = args.method or args.methods
             saved_runs.add(f"{args.output_dir}/{train.glue.get_task(args.task).name}/{method}/seed{args.seed}")
         if argv[:2] == ["evaluate.py", "boxplot"]:

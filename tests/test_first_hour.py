@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import cli
+
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,8 +106,8 @@ def test_a_bad_flag_is_one_line_exit_2_before_any_work(tmp_path, monkeypatch, ca
 
 # Every flag that argparse reads with float(), the methods' own --<method>-<option> flags included:
 # float() also reads 'nan', 'inf' and '-inf', which pass every range check (NaN compares false).
-FLOAT_FLAGS = sorted(a.option_strings[0] for a in train.build_parser()._actions if a.type is float)
-FLOAT_SETTINGS = sorted(k for k, t in train.VARIANT_SETTINGS.items() if t is float)   # ft:lr=...
+FLOAT_FLAGS = sorted(a.option_strings[0] for a in cli.build_parser(train.TrainConfig())._actions if a.type is float)
+FLOAT_SETTINGS = sorted(k for k, t in cli.VARIANT_SETTINGS.items() if t is float)   # ft:lr=...
 
 
 def test_the_float_flags_are_found():
@@ -271,6 +273,6 @@ def test_progress_in_a_log_file_from_the_first_step_and_during_evaluation(tmp_pa
 
 def test_without_model_a_gpu_trains_the_paper_s_model_and_a_cpu_the_embedded_one():
     import torch
-    assert train.default_model(torch.device("cuda", 0)) == ("bert-large-uncased-whole-word-masking", None)
-    name, note = train.default_model(torch.device("cpu"))
+    assert cli.default_model(torch.device("cuda", 0)) == ("bert-large-uncased-whole-word-masking", None)
+    name, note = cli.default_model(torch.device("cpu"))
     assert name == "minilm-l6" and note.startswith("no GPU here") and "bert-large-uncased-whole-word-masking" in note

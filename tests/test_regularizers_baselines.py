@@ -17,6 +17,7 @@ from scipy.special import rel_entr
 
 import regularizers
 import tiny
+import cli
 import train
 from bert.model import SelfAttention, attention_mask_for_sdpa
 from regularizers.l2sp import L2SP, L2SPOptions
@@ -407,7 +408,7 @@ BASE = ["--task", "rte", "--model", "minilm-l6", "--data-dir", str(GLUE_DIR), "-
 def test_every_method_is_registered_with_typed_flags():
     for name in ("ft", "lnsr", "l2sp", "mixout", "smart", "noise", "r3f"):
         assert regularizers.method_class(name).name == name
-    args = train.build_parser().parse_args(
+    args = cli.build_parser(train.TrainConfig()).parse_args(
         ["--task", "rte", "--mixout-p", "0.7", "--smart-steps", "2", "--no-smart-proximal",
          "--r3f-noise", "normal", "--noise-layer", "3", "--l2sp-alpha", "0.1"])
     assert (args.mixout__p, args.smart__steps, args.smart__proximal) == (0.7, 2, False)
@@ -471,7 +472,7 @@ def test_a_new_method_is_one_file_and_one_registry_line(tmp_path, monkeypatch):
     (tmp_path / "toy_method.py").write_text(TOY_METHOD)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(regularizers.METHODS, "toy", "toy_method:Toy")
-    help_text = train.build_parser().format_help()
+    help_text = cli.build_parser(train.TrainConfig()).format_help()
     assert "--toy-scale" in help_text and "the constant this toy adds to the loss" in help_text
 
     # What a new method needs is the subject, not the model: a tiny one, whose step takes milliseconds.

@@ -17,6 +17,11 @@ import regularizers
 import tiny
 from bert.errors import InputError
 from regularizers.base import Regularizer
+import cli
+import numerics
+import scoring
+import sweep
+import run_records
 import train
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"
@@ -202,15 +207,15 @@ def test_a_crash_inside_a_run_leaves_failed_json(tmp_path, tiny_model, monkeypat
 
 
 def test_parse_methods_with_settings_of_their_own():
-    assert train.parse_methods("ft, ft:epochs=4 ,noise,lnsr:lr=3e-5:warmup=0") == [
+    assert cli.parse_methods("ft, ft:epochs=4 ,noise,lnsr:lr=3e-5:warmup=0") == [
         ("ft", {}), ("ft", {"epochs": 4.0}), ("noise", {}), ("lnsr", {"lr": 3e-5, "warmup": 0.0})]
-    assert train.variant_name("ft", {"epochs": 4.0}) == "ft-epochs4"
-    assert train.variant_name("lnsr", {"weight_decay": 0.0, "lr": 3e-5}) == "lnsr-lr3e-05-weight-decay0"
+    assert cli.variant_name("ft", {"epochs": 4.0}) == "ft-epochs4"
+    assert cli.variant_name("lnsr", {"weight_decay": 0.0, "lr": 3e-5}) == "lnsr-lr3e-05-weight-decay0"
     for bad, message in [("ft:epoch=4", "cannot read 'ft:epoch=4'"), ("ft:epochs", "cannot read"),
                          ("ft:epochs=x", "epochs in 'ft:epochs=x' is not a number"),
                          ("ft,ft:epochs=3,ft:epochs=3", "names a method twice")]:
-        with pytest.raises(train.InputError, match=message):
-            train.parse_methods(bad)
+        with pytest.raises(InputError, match=message):
+            cli.parse_methods(bad)
 
 
 def test_table_2_ablation_in_one_command(tmp_path, tiny_model, capsys):
@@ -276,9 +281,9 @@ def test_help_explains_every_flag(capsys):
 
 
 def test_parse_seeds():
-    assert train.parse_seeds("1-3,7") == [1, 2, 3, 7]
-    assert train.parse_seeds("5") == [5]
-    assert train.parse_seeds("1,3,5") == [1, 3, 5]
+    assert run_records.parse_seeds("1-3,7") == [1, 2, 3, 7]
+    assert run_records.parse_seeds("5") == [5]
+    assert run_records.parse_seeds("1,3,5") == [1, 3, 5]
 
 
 def test_saved_model_re_evaluates_to_the_same_dev_metrics_and_writes_test_predictions(tmp_path, tiny_model,
@@ -344,7 +349,7 @@ def test_lnsr_penalty_in_bf16_would_measure_rounding_error():
     for precision in ("fp32", "bf16"):
         method = LNSR(LNSROptions(sigma=1e-4))
         method.setup(model, 0)
-        with torch.no_grad(), train.autocast(torch.device("cpu"), precision):
+        with torch.no_grad(), numerics.autocast(torch.device("cpu"), precision):
             penalties[precision] = float(method.penalty(model, batch, tiny.forward(model, batch)))
     assert penalties["bf16"] > 100 * penalties["fp32"] > 0
 
@@ -413,7 +418,7 @@ def test_precision_policy_gives_every_arm_the_strictest_recipe(monkeypatch):
     ft, l2sp, mixout = method_class("ft"), method_class("l2sp"), method_class("mixout")
     lnsr, noise, smart, r3f = (method_class(m) for m in ("lnsr", "noise", "smart", "r3f"))
     recipe = lambda requested, classes, device, native: tuple(
-        dataclasses.astuple(train.numeric_recipe(requested, classes, device, native)))
+        dataclasses.astuple(numerics.numeric_recipe(requested, classes, device, native)))
     for device in ("cpu", "cuda"):
         for native in (True, False):
             for strict in (lnsr, noise, smart, r3f):
@@ -424,23 +429,23 @@ def test_precision_policy_gives_every_arm_the_strictest_recipe(monkeypatch):
                 assert recipe("fp32", [ft, strict], device, native) == ("fp32", False)
                 for refused in ("bf16", "tf32"):
                     with pytest.raises(InputError, match=f"--precision {refused} with {strict.name}"):
-                        train.numeric_recipe(refused, [ft, strict], device, native)
+                        numerics.numeric_recipe(refused, [ft, strict], device, native)
             tolerant = [ft, l2sp, mixout]
             assert recipe("auto", tolerant, device, native) == (("bf16" if native else "fp32"), False)
             assert recipe("fp32", tolerant, device, native) == ("fp32", False)     # fp32 means fp32
             assert recipe("bf16", tolerant, device, native) == ("bf16", False)
     assert recipe("tf32", [ft], "cuda", True) == ("tf32", True)      # only when asked for, by name
     with pytest.raises(InputError, match="CUDA"):
-        train.numeric_recipe("tf32", [ft], "cpu", True)
+        numerics.numeric_recipe("tf32", [ft], "cpu", True)
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    assert train.native_bf16(cpu)
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"amx_bf16"})
-    assert train.native_bf16(cpu)
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f"})
-    assert not train.native_bf16(cpu)
-    monkeypatch.setattr(train, "cpu_flags", lambda: set())            # no /proc/cpuinfo
-    assert not train.native_bf16(cpu)
+    monkeypatch.setattr(numerics, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert numerics.native_bf16(cpu)
+    monkeypatch.setattr(numerics, "cpu_flags", lambda: {"amx_bf16"})
+    assert numerics.native_bf16(cpu)
+    monkeypatch.setattr(numerics, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert not numerics.native_bf16(cpu)
+    monkeypatch.setattr(numerics, "cpu_flags", lambda: set())            # no /proc/cpuinfo
+    assert not numerics.native_bf16(cpu)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -448,15 +453,15 @@ def test_arms_of_one_command_record_the_same_recipe(tmp_path, tiny_model, monkey
     """--methods ft,lnsr with --precision auto on bf16 hardware: both arms record fp32 and the
     same TF32 setting. For 'cuda' the policy is told the device is a bf16-capable GPU while the
     tensors stay on the CPU; the TF32 switch that train.py sets is read back while training."""
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(numerics, "cpu_flags", lambda: {"avx512_bf16"})
     if device == "cuda":
-        policy = train.numeric_recipe
-        monkeypatch.setattr(train, "native_bf16", lambda device: True)
-        monkeypatch.setattr(train, "numeric_recipe", lambda requested, classes, device_type, native:
+        policy = numerics.numeric_recipe
+        monkeypatch.setattr(sweep, "native_bf16", lambda device: True)
+        monkeypatch.setattr(sweep, "numeric_recipe", lambda requested, classes, device_type, native:
                             policy(requested, classes, "cuda", native))
     torch.backends.cuda.matmul.allow_tf32 = True                           # as the old pick_device left it
     seen = []
-    task_loss = train.task_loss
+    task_loss = scoring.task_loss
     monkeypatch.setattr(train, "task_loss", lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32)
                         or task_loss(*a))
     assert run(tmp_path, "--methods", "ft,lnsr", "--max-train-samples", "8", out="grid", model=tiny_model) == 0
@@ -532,15 +537,15 @@ def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_set_them(monkey
         def mallopt(self, option, value):
             calls.append((option, value))
 
-    monkeypatch.setattr(train.sys, "platform", "linux")
-    monkeypatch.setattr(train.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(numerics.sys, "platform", "linux")
+    monkeypatch.setattr(numerics.ctypes, "CDLL", lambda name: Libc())
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(name, raising=False)
-    train.keep_freed_memory()
+    numerics.keep_freed_memory()
     assert calls == [(-3, 32 * 2**20), (-1, 2**30)]           # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     calls.clear()
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")     # the user's choice stands
-    train.keep_freed_memory()
+    numerics.keep_freed_memory()
     assert calls == []
 
 
@@ -554,7 +559,7 @@ def test_a_subset_tokenizes_only_its_rows_and_equals_those_rows_of_the_whole_spl
     encoded = []
     encode = glue.encode
     counting = lambda rows, *a: encoded.append(len(rows)) or encode(rows, *a)
-    split = train.Split(examples, tokenizer, 48)
+    split = sweep.Split(examples, tokenizer, 48)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(train.glue, "encode", counting)
         part = split.subset(n=24, seed=5)

@@ -51,3 +51,14 @@ def test_every_line_of_algorithm_1_and_every_baseline_is_mapped():
         assert method in text, method
     for eq in ("Eq. 1", "Eq. 2", "Eq. 3", "Eq. 4", "Eq. 5-7", "Eq. 8-11"):
         assert eq in text, eq
+
+
+def test_train_py_reads_as_one_run_of_algorithm_1():
+    """train.py is the file a reader opens next to Algorithm 1: at most about 400 lines, the
+    paper's recipe as one dataclass near the top, and the optimizer step within the first 200."""
+    lines = (ROOT / "train.py").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 400
+    first = lambda text: next(i for i, line in enumerate(lines, 1) if text in line)
+    assert first("class TrainConfig") <= 60
+    assert first("optimizer.step()") <= 200
+    assert first("total.backward()") < first("optimizer.step()")

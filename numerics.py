@@ -1,0 +1,121 @@
+"""How train.py's runs compute on this machine: the device, the precision policy that gives
+every arm of a command one numeric recipe, and the switches of torch and glibc it sets."""
+import ctypes
+import dataclasses
+import os
+import sys
+
+import torch
+
+from bert.errors import InputError
+from workers import local_index
+
+
+def pick_device(name):
+    """cuda when available (auto); under torchrun or srun, the GPU of this process's local rank."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available (use --device cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_index() is not None:
+        torch.cuda.set_device(local_index() % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def native_bf16(device) -> bool:
+    """Does the hardware compute bf16 matrix products natively?"""
+    if device.type == "cuda":               # emulated bf16 (before Ampere) is slower than fp32
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+@dataclasses.dataclass(frozen=True)
+class NumericRecipe:
+    """How every run of one command computes: the format of its matrix products."""
+    precision: str           # "fp32", "tf32" (CUDA: fp32 storage, TF32 tensor-core products) or "bf16"
+    allow_tf32: bool         # torch.backends.cuda.matmul.allow_tf32 during the runs
+
+
+def numeric_recipe(requested: str, method_classes, device_type: str, native: bool) -> NumericRecipe:
+    """The precision policy: one recipe for every arm of a command, the strictest any arm needs.
+
+    - Methods that perturb inputs or hidden states (`Regularizer.needs_fp32`: lnsr, noise, smart,
+      r3f) need full fp32. LNSR's sigma 1e-4 on the embedding output (elements of size ~0.5) is
+      ~2e-4 of a value, below the rounding error of both bf16 (up to 2^-8 ~ 4e-3 of a value, 7
+      mantissa bits) and TF32 (2^-11 ~ 5e-4, 10 mantissa bits): in either format the penalty
+      measures rounding error, not the noise (tests/test_train.py measures both). So with such a
+      method, fp32 products stay fp32 on a GPU too: no TF32.
+    - Table 1 compares arms trained alike, so a command's arms share one recipe: `auto` picks
+      bf16 only if every arm tolerates it and the hardware computes it natively (a CUDA GPU with
+      bf16, a CPU with avx512_bf16 or amx_bf16; elsewhere bf16 is emulated, slower than fp32),
+      and full fp32 otherwise. `auto` never picks TF32.
+    - An explicit format that some arm cannot take is refused before any work.
+    """
+    strict = sorted({cls.name for cls in method_classes if cls.needs_fp32})
+    if requested in ("bf16", "tf32") and strict:
+        raise InputError(f"--precision {requested} with {', '.join(strict)}: its perturbations are below "
+                         f"{requested}'s resolution, so its penalty would measure rounding error; "
+                         "use fp32 (auto picks it)")
+    if requested == "tf32" and device_type != "cuda":
+        raise InputError("--precision tf32: TF32 is a format of CUDA tensor cores; on a CPU use fp32 or bf16")
+    if requested == "auto":
+        requested = "bf16" if native and not strict else "fp32"
+    return NumericRecipe(precision=requested, allow_tf32=requested == "tf32")
+
+
+def autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def make_deterministic():
+    """Deterministic kernels for CUDA. cuBLAS reads its workspace setting when its first handle is
+    made, so this runs before anything touches the GPU."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
+def apply_recipe(recipe: NumericRecipe):
+    """Set torch's global switches for fp32 matrix products (they only matter on CUDA)."""
+    torch.backends.cuda.matmul.allow_tf32 = recipe.allow_tf32
+    torch.backends.cudnn.allow_tf32 = recipe.allow_tf32
+
+
+def keep_freed_memory():
+    """Ask glibc to keep the large blocks a training step frees, for the next step to reuse.
+
+    Every step allocates and frees the same large tensors (a (32, 12, 128, 128) attention map is
+    25 MB). By default glibc may hand such blocks back to the kernel when they are freed (blocks
+    above its mmap threshold are unmapped; the heap's top is trimmed), and the next step then
+    page-faults the same memory back in, zero-filled by the kernel. Measured for LNSR on MiniLM,
+    batch 32 x 128: about 0.2 GB of page faults and 0.3-0.6 s of kernel time per step. A fixed
+    32 MiB mmap threshold (glibc's largest) and a 1 GiB trim threshold keep those blocks in the
+    heap. Linux with glibc only; elsewhere, or if libc cannot be loaded, this does nothing.
+
+    The price is memory: the heap keeps the holes between freed blocks too, and a run's resident
+    memory levels off about a third above what a step holds (an LNSR run on RTE: 3.66 GiB).
+    It levels off because the blocks of one step fit the next: tensor sizes repeat from step to
+    step (bert/speed.py rounds the real-token row counts, `row_bucket`) and a step frees what
+    it made before the next one starts (`train.train_one`). With a new size at every step the heap
+    grew for as long as the run went on (docs/SPEED.md, "Memory on a CPU"). A user who sets
+    glibc's own MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ has chosen otherwise: then this
+    does nothing (docs/USAGE.md, "Memory on a CPU").
+    """
+    if not sys.platform.startswith("linux") or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3          # from glibc's <malloc.h>
+    mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+    mallopt(M_TRIM_THRESHOLD, 2**30)
