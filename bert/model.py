@@ -26,7 +26,6 @@ lets the last layer compute the [CLS] position alone. None changes a value that 
 Weight names differ from Hugging Face's where a shorter name reads better; bert/weights.py maps
 between the two explicitly.
 """
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -152,7 +151,6 @@ class BertOutput:
     hidden_states: tuple                     # L+1 tensors (B, T, H): x^1 (embeddings) .. x^{L+1},
                                              # the last (B, 1, H) with cls_only_last_layer
     attn_mask: torch.Tensor | None           # (B, 1, 1, T) bool, or None (no padding)
-    rng_snapshot: object = None              # RNG state before layer `rng_snapshot_layer`
 
 
 def attention_mask_for_sdpa(attention_mask):
@@ -168,23 +166,6 @@ def attention_mask_for_sdpa(attention_mask):
     return attention_mask.bool()[:, None, None, :]
 
 
-def rng_state(device):
-    """Everything the dropout masks of the next few ops depend on."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-@contextlib.contextmanager
-def replayed_rng(snapshot, device):
-    """Inside: the RNG as `rng_state` recorded it. After: the global RNG as it was before."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        cpu_state, cuda_state = snapshot
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
-        yield
-
-
 class BertModel(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -192,10 +173,6 @@ class BertModel(nn.Module):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList([Layer(config) for _ in range(config.num_hidden_layers)])
         self.pooler = Pooler(config)
-        # A regularizer that re-runs layers b..L (LNSR, FT+Noise) sets this to b, so that the
-        # forward pass records the RNG state before layer b and the second pass can replay the
-        # very same dropout masks: the two passes then differ only by the injected noise.
-        self.rng_snapshot_layer: int | None = None
         # The pooler reads the [CLS] position of the last layer and nothing else, so unless
         # someone needs x^{L+1} at every position, the last layer can compute that one position:
         # its keys and values still come from every token, but its query, output projection and
@@ -210,36 +187,25 @@ class BertModel(nn.Module):
         attn_mask = attention_mask_for_sdpa(attention_mask)
         x = self.embeddings(input_ids, token_type_ids)                           # x^1: (B, T, H)
         hidden_states = [x]
-        snapshot = None
         L = len(self.layers)
         tokens = token_rows(attn_mask, x.device)        # every position, or the real tokens alone
         for b, layer in enumerate(self.layers, start=1):
-            if b == self.rng_snapshot_layer and self.training:
-                snapshot = rng_state(x.device)
             x = layer(x, attn_mask, tokens, cls_only=self.cls_only_last_layer and b == L)
             hidden_states.append(x)
         return BertOutput(last_hidden_state=x, pooler_output=self.pooler(x),
-                          hidden_states=tuple(hidden_states), attn_mask=attn_mask,
-                          rng_snapshot=snapshot)
+                          hidden_states=tuple(hidden_states), attn_mask=attn_mask)
 
-    def run_layers(self, x_b, attn_mask, b: int, rng_snapshot=None) -> list:
+    def run_layers(self, x_b, attn_mask, b: int) -> list:
         """f^{b,r}(x_b) for r = b..L: the outputs of layers b..L given x_b, the input of layer b.
 
-        attn_mask is the forward pass's `BertOutput.attn_mask`. With `rng_snapshot` (from the
-        same forward pass) the dropout masks are those of the forward pass, and the global RNG is
-        left as it was, so a replay never shifts the randomness of later steps. Without it this is
-        an ordinary pass through those layers: fresh dropout masks from the global RNG.
+        attn_mask is the forward pass's `BertOutput.attn_mask`. In training mode the dropout
+        masks are drawn from the global RNG like any pass's; a regularizer that wants the clean
+        pass's masks runs this inside its replay (regularizers/replay.py).
         """
         L = len(self.layers)
         if not 1 <= b <= L:
             raise ValueError(f"layer b={b} is outside 1..{L}")
-        if rng_snapshot is None:
-            return self._run_layers(x_b, attn_mask, b)
-        with replayed_rng(rng_snapshot, x_b.device):
-            return self._run_layers(x_b, attn_mask, b)
-
-    def _run_layers(self, x, attn_mask, b):
-        tokens, outputs = token_rows(attn_mask, x.device), []
+        tokens, outputs, x = token_rows(attn_mask, x_b.device), [], x_b
         for layer in self.layers[b - 1:]:
             x = layer(x, attn_mask, tokens)
             outputs.append(x)
@@ -256,7 +222,6 @@ class ClassifierOutput:
     hidden_states: tuple                     # as BertOutput.hidden_states
     pooler_output: torch.Tensor              # (B, H)
     attn_mask: torch.Tensor | None           # (B, 1, 1, T) bool, or None
-    rng_snapshot: object = None
 
 
 class BertClassifier(nn.Module):
@@ -275,8 +240,7 @@ class BertClassifier(nn.Module):
         out = self.bert(input_ids, token_type_ids, attention_mask)
         logits = self.classifier(self.dropout(out.pooler_output))                 # (B, num_labels)
         return ClassifierOutput(logits=logits, hidden_states=out.hidden_states,
-                                pooler_output=out.pooler_output, attn_mask=out.attn_mask,
-                                rng_snapshot=out.rng_snapshot)
+                                pooler_output=out.pooler_output, attn_mask=out.attn_mask)
 
     def init_head(self, generator: torch.Generator | None = None):
         """N(0, 0.02^2) weights and zero bias, as the paper (Appendix A) and BERT do.

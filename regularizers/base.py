@@ -10,6 +10,19 @@ and calls `method.setup(model, seed)` once before the first step. It knows nothi
 the method, so a new method is one new file with a `Regularizer` subclass and one line in
 regularizers/__init__.py.
 
+What a method gets and what it may change:
+- `setup` gets the model with its pretrained weights and new head, in training mode, and the
+  run's seed. It may register hooks on the model's modules (FT+Noise adds its noise with one;
+  regularizers/replay.py records the clean pass's dropout state with one) and keep generators
+  and modules of its own (saved in checkpoints, see below). It sets no attribute on the model.
+- `penalty` gets the batch and the clean pass's outputs (logits, every hidden state, the
+  attention mask). It may run the model or some of its layers again. A second pass that should
+  see the clean pass's dropout masks runs inside a `DropoutReplay` (regularizers/replay.py),
+  which also leaves the global random generator where the clean pass left it; a pass with
+  fresh masks draws from that generator like any forward pass.
+- `after_step` runs after the optimizer's step, with gradients still on the weights.
+- `reads_hidden_states` tells train.py that the penalty reads the last layer at every position.
+
 A method's hyperparameters live in a dataclass named by its `Options` attribute. train.py turns
 each field into a typed command-line flag `--<method>-<field>` (underscores become dashes) with
 the field's `help` metadata as its --help text, and records the values in the run's config.json.

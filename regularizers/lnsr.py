@@ -60,6 +60,7 @@ import torch
 
 from bert.errors import InputError
 from regularizers.base import Regularizer
+from regularizers.replay import DropoutReplay
 
 
 @dataclass
@@ -140,8 +141,9 @@ class LNSR(Regularizer):
         self.check(model.config)
         n = model.config.num_hidden_layers - o.layer + 1
         self.lambdas = o.lambdas * n if len(o.lambdas) == 1 else o.lambdas      # lambda_r, r = b..L
-        # Shared masks: the clean pass records the RNG state before layer b for the noisy pass.
-        model.bert.rng_snapshot_layer = o.layer if o.dropout == "shared" else None
+        # Shared masks: the clean pass's state of the RNG as it enters layer b, for the noisy
+        # pass through layers b..L (regularizers/replay.py).
+        self.replay = DropoutReplay(model.bert.layers[o.layer - 1], enabled=o.dropout == "shared")
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
@@ -150,9 +152,8 @@ class LNSR(Regularizer):
         b = self.options.layer
         x_b = outputs.hidden_states[b - 1]                                      # (B, T, H)
         eps = sample_noise(x_b, self.options.sigma, self.options.relative_sigma, self.generator)
-        replay = outputs.rng_snapshot if self.options.dropout == "shared" else None   # m, or m' anew
-        noisy = model.bert.run_layers(x_b + eps, outputs.attn_mask, b,            # f^{b,r}(x^b + eps)
-                                      rng_snapshot=replay)
+        with self.replay.extra_passes(), self.replay.replay():                  # masks m, or m' anew
+            noisy = model.bert.run_layers(x_b + eps, outputs.attn_mask, b)        # f^{b,r}(x^b + eps)
         clean = outputs.hidden_states[b:]                                         # f^{b,r}(x^b)
         token_mask = batch["attention_mask"][:, :, None].to(x_b.dtype)            # (B, T, 1)
         R = 0.0

@@ -32,7 +32,8 @@ import torch
 
 from bert.errors import InputError
 from regularizers.base import Regularizer
-from regularizers.smart import DropoutReplay, Perturbation, divergence, model_inputs
+from regularizers.replay import DropoutReplay
+from regularizers.smart import Perturbation, divergence, model_inputs
 
 
 @dataclass

@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 
 from bert.errors import InputError
-from bert.model import replayed_rng, rng_state
 from regularizers.base import Regularizer
+from regularizers.replay import DropoutReplay
 
 
 @dataclass
@@ -119,44 +119,6 @@ def divergence(a, b, regression: bool, detach_targets: bool = False):
 
 
 # ----------------------------------------------------------------------------- second passes
-
-class DropoutReplay:
-    """Lets a second forward pass draw the dropout masks of the step's clean pass.
-
-    A pre-hook on the model records the RNG state as a training forward pass starts;
-    `replay()` restores it (bert.model.replayed_rng), so the global RNG is back where it
-    was afterwards and later steps see the randomness they would have seen anyway. The extra
-    passes of a penalty run inside `extra_passes()`, which keeps them from overwriting the
-    record: a pass with fresh masks would otherwise make every later replay use its masks.
-    """
-
-    def __init__(self, model, enabled: bool = True):
-        self.enabled, self.state, self.recording = enabled, None, True
-        self.handle = model.register_forward_pre_hook(self.record)
-
-    def record(self, module, inputs):
-        if module.training and self.recording:
-            device = next(module.parameters()).device
-            self.state = (rng_state(device), device)
-
-    @contextlib.contextmanager
-    def extra_passes(self):
-        """Forward passes in here are not the step's clean pass: the record stays the clean one."""
-        self.recording = False
-        try:
-            yield
-        finally:
-            self.recording = True
-
-    @contextlib.contextmanager
-    def replay(self):
-        if not self.enabled or self.state is None:
-            yield
-            return
-        snapshot, device = self.state
-        with replayed_rng(snapshot, device):
-            yield
-
 
 class Perturbation:
     """A forward hook that adds `delta` to a module's output while `added(delta)` is open.

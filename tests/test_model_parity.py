@@ -131,38 +131,6 @@ def test_run_layers_reproduces_forward(minilm_pair):
             ours.run_layers(out.hidden_states[0], out.attn_mask, b)
 
 
-def test_train_mode_dropout_replay(minilm_pair):
-    """A second pass from layer b with the forward's RNG snapshot sees the same dropout masks."""
-    model = copy.deepcopy(minilm_pair[0])              # switched to train mode below
-    input_ids, token_type_ids, attention_mask = make_batch(30522, CASES["pair-padded"], seed=3)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.eval()
-        clean = model(input_ids, token_type_ids, attention_mask)
-        assert clean.rng_snapshot is None                  # nothing asked for, nothing recorded
-        model.train()
-        for b in (1, 3, 6):
-            model.rng_snapshot_layer = b
-            out = model(input_ids, token_type_ids, attention_mask)
-            assert out.rng_snapshot is not None
-            # Dropout is really on, else "equal" below would prove nothing.
-            assert not torch.equal(out.hidden_states[-1], clean.hidden_states[-1])
-
-            rng_before = torch.get_rng_state()
-            replay = model.run_layers(out.hidden_states[b - 1], out.attn_mask, b,
-                                      rng_snapshot=out.rng_snapshot)
-            # The replay leaves the global RNG where it was: later steps are not shifted.
-            assert torch.equal(torch.get_rng_state(), rng_before)
-            for r, (x, x_ref) in enumerate(zip(replay, out.hidden_states[b:]), start=b):
-                assert torch.equal(x, x_ref), f"replay from b={b}: layer {r} differs"
-
-            fresh = model.run_layers(out.hidden_states[b - 1], out.attn_mask, b)
-            assert not torch.equal(fresh[0], out.hidden_states[b]), \
-                f"without the snapshot, layer {b} should draw new dropout masks"
-        model.rng_snapshot_layer = None
-        assert model(input_ids, token_type_ids, attention_mask).rng_snapshot is None
-
-
 # ---- random BERT-Large-shaped model ----------------------------------------------------------
 
 LARGE = dict(vocab_size=1000, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
