@@ -4,8 +4,8 @@
 
 Stage 1 (the ft recipe, held-out only). For each cell (optimizer, lr, epochs) and task, the
 held-out mean over the seeds; a cell's score is the average over the tasks of (its mean minus the
-best mean on that task among the cells that can be ranked). A cell in which any run collapsed to one answer on the held-out
-set is out. The chosen recipe is the best-scoring cell; cells within 1.0 point of it tie, and
+best mean on that task among the cells that can be ranked). A cell in which any run collapsed to
+one answer on the held-out set is out. The chosen recipe is the best-scoring cell; cells within 1.0 point of it tie, and
 among ties the one with fewer epochs wins, then the paper's optimizer (adam), then the smaller lr.
 A cell is ranked once it has every task and every seed (as many as the most complete cell).
 """
