@@ -6,6 +6,9 @@
   scaled_dot_product_attention when nothing is dropped.
 * `cls_only_last_layer`: the last layer computes the [CLS] position only; logits and every
   parameter's gradient equal those of the full computation (float64, 1e-10).
+* `write_out`: a layer's attention and LayerNorms as plain tensor operations (for LNSR's jvp
+  estimator) give the same hidden states and gradients as torch's fused kernels, with the same
+  dropout masks in training.
 """
 import math
 
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 from bert import model as bert_model
-from bert.speed import Dropout, dropout, keep_mask
+from bert.speed import Dropout, LayerNorm, dropout, keep_mask, write_out
 import tiny
 
 # With p this small, round(p * 2^32) = 0: nothing is dropped and the scale is exactly 1, but the
@@ -153,3 +156,46 @@ def test_regularizers_that_read_hidden_states_get_the_full_last_layer():
                if regularizers.method_class(name).reads_hidden_states}
     assert readers == {"lnsr"}
     assert bert_model.BertModel(tiny.tiny_model().config).cls_only_last_layer is False
+
+
+def test_written_out_layer_norm_equals_torch_s():
+    torch.manual_seed(4)
+    norm = LayerNorm(16, eps=1e-12).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(3, 5, 16, dtype=torch.float64) * 3 + 1).requires_grad_(True)
+    fused = norm(x)
+    fused.pow(3).sum().backward()
+    fused_grads = [t.grad.clone() for t in (x, norm.weight, norm.bias)]
+    for t in (x, norm.weight, norm.bias):
+        t.grad = None
+    write_out(norm)
+    assert norm.written_out
+    written_out = norm(x)
+    written_out.pow(3).sum().backward()
+    torch.testing.assert_close(written_out, fused, atol=1e-12, rtol=0)
+    for fused_grad, t in zip(fused_grads, (x, norm.weight, norm.bias)):
+        torch.testing.assert_close(t.grad, fused_grad, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_written_out_layers_equal_the_fused_ones(train):
+    """Every hidden state and gradient, eval mode (SDPA otherwise) and training mode (the same
+    dropout masks drawn: the same seed gives the same values)."""
+    runs = []
+    for written in (False, True):
+        model = tiny.tiny_model(num_layers=3, heads=4).double().train(train)
+        write_out(model, written)
+        assert all(layer.attention.written_out == layer.ffn_norm.written_out == written for layer in model.bert.layers)
+        torch.manual_seed(9)
+        out = tiny.forward(model, tiny.tiny_batch())
+        out.hidden_states[-1].pow(2).sum().backward()
+        runs.append((out.hidden_states, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (fused, fused_grads), (written, written_grads) = runs
+    assert any(not torch.equal(a, b) for a, b in zip(fused[1:], written[1:]))      # really another path
+    for a, b in zip(fused, written):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+    assert fused_grads.keys() == written_grads.keys()
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(written_grads[name], grad, atol=1e-10, rtol=0, msg=name)
