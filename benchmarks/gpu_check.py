@@ -68,7 +68,6 @@ import glue  # noqa: E402
 import optim  # noqa: E402
 import train  # noqa: E402
 from bert.model import BertClassifier, BertModel  # noqa: E402
-from regularizers import method_class  # noqa: E402
 from regularizers.base import FineTune  # noqa: E402
 from regularizers.lnsr import LNSR, LNSROptions  # noqa: E402
 
@@ -179,8 +178,7 @@ def lnsr_penalty(model, batch, seed=0, **options) -> float:
 
 
 def check_precision(folder: Path, device, batch_size, length) -> list:
-    recipe = train.numeric_recipe("auto", [method_class("ft"), method_class("lnsr")], device.type,
-                                  train.native_bf16(device))
+    recipe = train.numeric_recipe("auto", [FineTune(), LNSR(LNSROptions())], device.type, train.native_bf16(device))
     model = BertClassifier.from_pretrained(folder, num_labels=2, verbose=False).to(device).train()
     batch = padded_batch(model.config.vocab_size, batch_size, length, device)
     train.apply_recipe(recipe)
