@@ -39,9 +39,9 @@ Section 3.2 expands the difference by Taylor (Eq. 5), f(x + eps) - f(x) = J eps 
 and R is sigma^2 ||J||_F^2 plus a Hessian term (Eq. 10): a Tikhonov regularizer on the Jacobian of
 layers b..L. The two estimators agree when f is one deterministic function of x^b (shared masks,
 or eval mode) and sigma is small: for one draw of eps they differ by the cross term, a relative
-O(sigma) (on MiniLM at sigma 1e-4, about 5e-5 in float64), and in expectation over eps by a
+O(sigma) (on MiniLM at sigma 1e-4, about 4e-5 in float64), and in expectation over eps by a
 relative O(sigma^2), as the cross term's mean is 0. With independent masks the difference is
-not a derivative of anything, so `jvp` needs `--lnsr-dropout shared`. tests/test_lnsr.py checks
+not a derivative of anything, so `jvp` needs `--lnsr-dropout shared`. tests/test_lnsr_jvp.py checks
 Eq. 5 (the ratio of the two tends to 1, its gap shrinking linearly in sigma), Eq. 7 (against
 the full Jacobian) and the gradient of `jvp` (against finite differences).
 
@@ -51,9 +51,11 @@ so it needs full fp32 (train.numeric_recipe). `jvp` computes J eps directly, by 
 differentiation through layers b..L (torch.func.jvp: one pass that carries, next to every
 activation, its derivative in the direction eps), so its rounding error is relative to J eps
 itself: on MiniLM under bf16 autocast it stays within 0.5% of its fp32 value, where the
-difference comes out 600-1200 times too large. The backward pass reaches every weight through
-the jvp. Its price is arithmetic: the jvp pass computes each activation and its tangent, and
-the backward pass goes through both (docs/SPEED.md counts and times it against the difference).
+difference comes out 600-1200 times too large. The backward pass reaches the weights of layers
+b..L through the jvp, and those below through x^b. Its price is arithmetic: the jvp pass
+computes each activation and its tangent, and the backward pass goes through both; on the
+benchmark's batch 1.53 times the difference's matrix products, 2.16 times its step time in fp32
+on a CPU (docs/SPEED.md, "LNSR's two estimators").
 Forward mode follows the same layers once with the same masks; the double-backward identity
 would build a vector-Jacobian graph and differentiate it again. torch.func.jvp rather than
 torch.autograd.forward_ad's dual tensors: under the latter, torch's forward-mode rule for softmax
