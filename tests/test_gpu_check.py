@@ -29,10 +29,12 @@ def test_the_whole_check_passes_on_the_cpu(tmp_path):
     table = out.read_text()
     assert table.strip() == done.stdout.strip()
     checks = [line for line in table.splitlines() if line.endswith(("| pass |", "| FAIL |"))]
-    assert len(checks) == 9 and all(line.endswith("| pass |") for line in checks)
+    assert len(checks) == 11 and all(line.endswith("| pass |") for line in checks)
     for section in ("| parity |", "| precision |", "| speed |", "| train.py |"):
         assert section in table
-    assert "all 9 checks passed" in table
+    assert "| speed | train step ours lnsr jvp bf16, batch 8 x 32: time, TFLOP/s, peak memory |" in table
+    assert "| speed | train step lnsr: jvp in bf16 / difference in fp32 (time; peak memory) |" in table
+    assert "all 11 checks passed" in table
 
 
 def failed_checks(capsys, *sections):
@@ -49,6 +51,20 @@ def test_a_noisy_pass_with_fresh_dropout_masks_fails(monkeypatch, capsys):
     assert code == 1 and "LNSR penalty, sigma 0, training mode, shared masks" in failed
 
 
+def test_a_jvp_estimator_that_subtracts_two_passes_fails_in_bf16(monkeypatch, capsys):
+    """J eps computed as f(x + eps) - f(x): in bf16 it is rounding, and the check says so."""
+    from regularizers import lnsr
+
+    def subtracted(bert, x_b, eps, attn_mask, b):
+        noisy = bert.run_layers(x_b + eps, attn_mask, b)
+        clean = bert.run_layers(x_b, attn_mask, b)
+        return [n - c for n, c in zip(noisy, clean)]
+    monkeypatch.setattr(lnsr, "jacobian_vector_products", subtracted)
+    code, failed = failed_checks(capsys, "precision")
+    assert code == 1 and len(failed) == 1
+    assert failed[0].startswith("LNSR penalty at sigma 1e-4, eval mode: jvp in bf16 / difference in fp32")
+
+
 def test_a_model_that_differs_from_hf_fails(monkeypatch, capsys):
     import bert.model
     monkeypatch.setitem(bert.model.ACTIVATIONS, "gelu", lambda x: torch.nn.functional.gelu(x, approximate="tanh"))
@@ -58,12 +74,14 @@ def test_a_model_that_differs_from_hf_fails(monkeypatch, capsys):
 
 def test_matrix_products_that_round_like_tf32_fail(monkeypatch, capsys):
     """A device whose fp32 products round to TF32 whatever the switch says: the penalty stops
-    following sigma^2, and the check says so."""
+    following sigma^2, and the check says so; the fp32 difference penalty that the jvp estimator
+    is held against is then rounding too."""
     linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear",
                         lambda x, w, b=None: linear(tiny.round_to_tf32(x), tiny.round_to_tf32(w), b))
     code, failed = failed_checks(capsys, "precision")
-    assert code == 1 and len(failed) == 1 and failed[0].startswith("LNSR penalty at sigma 1e-4 / at 1e-5")
+    assert code == 1 and len(failed) == 2 and failed[0].startswith("LNSR penalty at sigma 1e-4 / at 1e-5")
+    assert failed[1].startswith("LNSR penalty at sigma 1e-4, eval mode: jvp in bf16 / difference in fp32")
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):

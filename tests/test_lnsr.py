@@ -77,7 +77,8 @@ def test_equals_two_full_forward_passes_with_identical_dropout(b, reduction):
     torch.testing.assert_close(R, reference, rtol=1e-6, atol=1e-6)
 
 
-def test_padding_positions_do_not_change_it(monkeypatch):
+@pytest.mark.parametrize("estimator", ["difference", "jvp"])
+def test_padding_positions_do_not_change_it(monkeypatch, estimator):
     """The same sentences with 5 more padding positions (and the same noise on real tokens)."""
     model = tiny_model().eval()              # no dropout: the two batches differ in shape
     short = tiny_batch(T=10)
@@ -87,9 +88,12 @@ def test_padding_positions_do_not_change_it(monkeypatch):
     eps_long = torch.randn(3, 15, 32, generator=torch.Generator().manual_seed(0)) * 0.05
     monkeypatch.setattr(lnsr_module, "sample_noise",
                         lambda x_b, *args: eps_long[:, :x_b.shape[1]] if x_b.shape[1] == 10 else eps_long)
-    R_short, _ = lnsr_penalty(model, short, layer=1, sigma=0.05)
-    R_long, _ = lnsr_penalty(model, long, layer=1, sigma=0.05)
+    R_short, _ = lnsr_penalty(model, short, layer=1, sigma=0.05, estimator=estimator)
+    R_long, _ = lnsr_penalty(model, long, layer=1, sigma=0.05, estimator=estimator)
+    assert R_short.item() > 0
     torch.testing.assert_close(R_short, R_long, rtol=1e-5, atol=1e-6)
+    if estimator == "jvp":
+        return
     # The noise does reach the padded positions of x^b; on the CPU the layers then skip those
     # rows (both branches output 0 there), on a GPU they compute them and the mask drops them.
     method = LNSR(LNSROptions(layer=1, sigma=0.05))
@@ -101,16 +105,17 @@ def test_padding_positions_do_not_change_it(monkeypatch):
     assert not noisy[-1][padded].any() and not out.hidden_states[-1][padded].any()
 
 
-def test_gradient_reaches_layers_b_to_L_and_the_embeddings():
+@pytest.mark.parametrize("estimator", ["difference", "jvp"])
+def test_gradient_reaches_layers_b_to_L_and_the_embeddings(estimator):
     b = 3
     model = tiny_model().train()
-    R, _ = lnsr_penalty(model, tiny_batch(), layer=b, sigma=0.05)
+    R, _ = lnsr_penalty(model, tiny_batch(), layer=b, sigma=0.05, estimator=estimator)
     R.backward()
     for i in range(b - 1, L):                # layers b..L (0-based b-1..L-1)
         for name, p in model.bert.layers[i].named_parameters():
             if i == L - 1 and name == "ffn_norm.bias":
                 # The top LayerNorm's shift is added to both branches and cancels in their
-                # difference: its gradient is exactly zero, as the math says.
+                # difference (and J does not depend on it): its gradient is exactly zero.
                 assert p.grad is None or p.grad.abs().sum() == 0
             else:
                 assert p.grad is not None and p.grad.abs().sum() > 0, f"layer {i + 1} {name}"
@@ -176,7 +181,8 @@ def test_gradients_equal_the_two_pass_reference():
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-10, atol=1e-12)
 
 
-def test_only_layers_b_to_L_run_a_second_time():
+@pytest.mark.parametrize("estimator", ["difference", "jvp"])
+def test_only_layers_b_to_L_run_a_second_time(estimator):
     b = 3
     model = tiny_model().train()
     calls = [0] * L
@@ -184,7 +190,7 @@ def test_only_layers_b_to_L_run_a_second_time():
         layer.register_forward_hook(lambda mod, inp, out, i=i: calls.__setitem__(i, calls[i] + 1))
     embedding_calls = []
     model.bert.embeddings.register_forward_hook(lambda *a: embedding_calls.append(1))
-    lnsr_penalty(model, tiny_batch(), layer=b, sigma=0.05)
+    lnsr_penalty(model, tiny_batch(), layer=b, sigma=0.05, estimator=estimator)
     assert calls == [1] * (b - 1) + [2] * (L - b + 1)
     assert len(embedding_calls) == 1
 

@@ -339,6 +339,28 @@ def test_bf16_is_refused_for_methods_whose_noise_it_would_round_away(tmp_path, c
     assert not (tmp_path / "runs").exists()
 
 
+def test_lnsr_jvp_trains_in_bf16_and_records_its_estimator(tmp_path, tiny_model, monkeypatch):
+    """On hardware with native bf16 (mocked), --precision auto gives lnsr with the jvp estimator
+    bf16, as it gives ft; config.json records the estimator and the recipe."""
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512_bf16"})
+    assert run(tmp_path, "--methods", "ft,lnsr", "--lnsr-estimator", "jvp", "--max-train-samples", "8",
+               "--max-eval-samples", "8", model=tiny_model) == 0
+    for name in ("ft", "lnsr"):
+        settings = json.loads((tmp_path / "runs" / "RTE" / name / "seed1" / "config.json").read_text())["settings"]
+        assert (settings["precision"], settings["allow_tf32"]) == ("bf16", False)
+    assert settings["method_options"]["estimator"] == "jvp"
+    results, log = read_run(tmp_path, "lnsr", 1)
+    assert all(r["penalty"] > 0 for r in log)
+
+
+def test_jvp_with_independent_masks_is_refused_in_one_line(tmp_path, capsys):
+    assert run(tmp_path, "--method", "lnsr", "--lnsr-estimator", "jvp", "--lnsr-dropout", "independent") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --lnsr-estimator jvp needs --lnsr-dropout shared: with independent masks the "
+                   "difference of the two passes is not a derivative"]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_lnsr_penalty_in_bf16_would_measure_rounding_error():
     """Why those methods need fp32: at sigma = 1e-4 the bf16 penalty is rounding, not noise."""
     import tiny
@@ -412,13 +434,21 @@ def test_tf32_would_swamp_lnsr_noise_and_train_keeps_it_off_on_cuda(monkeypatch,
     assert not as_trained and penalty(1e-4, as_trained) == fp32[1e-4]
 
 
+def arm(name, **options):
+    """A Regularizer with train.py's default options, changed by `options`: an arm of a command."""
+    from regularizers import method_class
+    cls = method_class(name)
+    defaults = cli.method_options(name, cli.build_parser(train.TrainConfig()).parse_args(["--task", "rte"]))[1]
+    return cls(dataclasses.replace(defaults, **options) if defaults else None)
+
+
 def test_precision_policy_gives_every_arm_the_strictest_recipe(monkeypatch):
     """numeric_recipe, method by method and device by device: (precision, TF32 allowed)."""
-    from regularizers import method_class
-    ft, l2sp, mixout = method_class("ft"), method_class("l2sp"), method_class("mixout")
-    lnsr, noise, smart, r3f = (method_class(m) for m in ("lnsr", "noise", "smart", "r3f"))
-    recipe = lambda requested, classes, device, native: tuple(
-        dataclasses.astuple(numerics.numeric_recipe(requested, classes, device, native)))
+    ft, l2sp, mixout = arm("ft"), arm("l2sp"), arm("mixout")
+    lnsr, noise, smart, r3f = (arm(m) for m in ("lnsr", "noise", "smart", "r3f"))
+    lnsr_jvp = arm("lnsr", estimator="jvp")
+    recipe = lambda requested, arms, device, native: tuple(
+        dataclasses.astuple(numerics.numeric_recipe(requested, arms, device, native)))
     for device in ("cpu", "cuda"):
         for native in (True, False):
             for strict in (lnsr, noise, smart, r3f):
@@ -426,15 +456,20 @@ def test_precision_policy_gives_every_arm_the_strictest_recipe(monkeypatch):
                 # and so is every other arm of the same command.
                 assert recipe("auto", [strict], device, native) == ("fp32", False)
                 assert recipe("auto", [ft, strict], device, native) == ("fp32", False)
+                assert recipe("auto", [ft, lnsr_jvp, strict], device, native) == ("fp32", False)
                 assert recipe("fp32", [ft, strict], device, native) == ("fp32", False)
                 for refused in ("bf16", "tf32"):
                     with pytest.raises(InputError, match=f"--precision {refused} with {strict.name}"):
                         numerics.numeric_recipe(refused, [ft, strict], device, native)
-            tolerant = [ft, l2sp, mixout]
-            assert recipe("auto", tolerant, device, native) == (("bf16" if native else "fp32"), False)
-            assert recipe("fp32", tolerant, device, native) == ("fp32", False)     # fp32 means fp32
-            assert recipe("bf16", tolerant, device, native) == ("bf16", False)
+            # LNSR's jvp estimator never subtracts two passes: it tolerates bf16 like ft does.
+            for tolerant in ([ft, l2sp, mixout], [lnsr_jvp], [ft, l2sp, mixout, lnsr_jvp]):
+                assert recipe("auto", tolerant, device, native) == (("bf16" if native else "fp32"), False)
+                assert recipe("fp32", tolerant, device, native) == ("fp32", False)     # fp32 means fp32
+                assert recipe("bf16", tolerant, device, native) == ("bf16", False)
+    with pytest.raises(InputError, match="--lnsr-estimator jvp"):          # the way out is named
+        numerics.numeric_recipe("bf16", [ft, lnsr], "cuda", True)
     assert recipe("tf32", [ft], "cuda", True) == ("tf32", True)      # only when asked for, by name
+    assert recipe("tf32", [ft, lnsr_jvp], "cuda", True) == ("tf32", True)
     with pytest.raises(InputError, match="CUDA"):
         numerics.numeric_recipe("tf32", [ft], "cpu", True)
     cpu = torch.device("cpu")
@@ -512,12 +547,14 @@ def test_runs_of_one_seed_share_the_clean_pass_dropout_masks(tmp_path, tiny_mode
 
 
 def test_runs_made_before_a_setting_existed_read_as_they_were_made(tmp_path, tiny_model, capsys):
-    """A config.json from before --dropout-stream and --lnsr-dropout: resuming reads it as one
-    stream per run and shared masks, never as today's defaults."""
+    """A config.json from before --dropout-stream, --lnsr-dropout and --lnsr-estimator: resuming
+    reads it as one stream per run, shared masks and the difference estimator, never as today's
+    defaults."""
     assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--dropout-stream", "run", model=tiny_model) == 0
     config_file = tmp_path / "runs" / "RTE" / "lnsr" / "seed1" / "config.json"
     config = json.loads(config_file.read_text())
     del config["settings"]["dropout_stream"], config["settings"]["method_options"]["dropout"]
+    del config["settings"]["method_options"]["estimator"]
     config_file.write_text(json.dumps(config))
     capsys.readouterr()
     assert run(tmp_path, "--method", "lnsr", "--seed", "1", "--dropout-stream", "run", "--dry-run",
@@ -528,6 +565,9 @@ def test_runs_made_before_a_setting_existed_read_as_they_were_made(tmp_path, tin
     args = ["--method", "lnsr", "--seed", "1", "--dropout-stream", "run", "--lnsr-dropout", "independent"]
     assert run(tmp_path, *args, "--dry-run", model=tiny_model) == 2
     assert "'dropout': 'shared'" in capsys.readouterr().err
+    args = ["--method", "lnsr", "--seed", "1", "--dropout-stream", "run", "--lnsr-estimator", "jvp"]
+    assert run(tmp_path, *args, "--dry-run", model=tiny_model) == 2
+    assert "'estimator': 'difference'" in capsys.readouterr().err
 
 
 def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_set_them(monkeypatch):
