@@ -16,8 +16,10 @@ Each layer is post-LayerNorm, as in the original BERT:
     a = LayerNorm(x + Dropout(Attention(x)))
     y = LayerNorm(a + Dropout(W_2 GELU(W_1 a)))
 
-Speed tricks sit behind three seams from bert/speed.py, out of the way of the math: `Dropout`
-(fast CPU masks), `attend` (the attention product) and `token_rows` (on a CPU, projections and
+The attention formula is `SelfAttention.attend`, one `if` between the written-out product and
+torch's fused kernel. Speed tricks sit behind seams from bert/speed.py, out of the way of the
+math: `Dropout` (fast CPU masks), `dropped_times_values` (dropout(P) V keeping a 1-byte mask
+for the backward pass) and `token_rows` (on a CPU, projections and
 the feed-forward block run on the real tokens alone, with a few padding rows that round their
 count up to a bucket, so a layer's output is 0 at padding, where Hugging Face computes values
 that every later step masks out). A fourth, `cls_only_last_layer`, lets the last layer compute
@@ -35,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bert.config import BertConfig
-from bert.speed import Dropout, LayerNorm, attend, token_rows     # the seams, see bert/speed.py
+from bert.speed import Dropout, LayerNorm, dropout, dropped_times_values, token_rows   # the seams: bert/speed.py
 from bert.weights import load_pretrained, save_pretrained
 
 ACTIVATIONS = {
@@ -81,8 +83,8 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attention_probs_dropout_prob
-        # True: the attention product is written out as tensor operations, never SDPA
-        # (bert/speed.py::write_out, set by LNSR's jvp estimator in layers b..L).
+        # True: the attention product as plain tensor operations, never SDPA, for forward-mode
+        # differentiation (bert/speed.py::write_out; LNSR's jvp estimator sets it in layers b..L).
         self.written_out = False
 
     def split_heads(self, x):                                   # (B, T, H) -> (B, h, T, d)
@@ -100,10 +102,30 @@ class SelfAttention(nn.Module):
         v = self.split_heads(tokens.grid(self.value(rows)))                     # (B, h, T, d)
         q = self.split_heads(tokens.grid(self.query(rows)) if cls_query is None
                              else self.query(cls_query))                        # (B, h, Tq, d)
-        y = attend(q, k, v, attn_mask, self.attn_dropout if self.training else 0.0, self.written_out)
+        y = self.attend(q, k, v, attn_mask)                                     # (B, h, Tq, d)
         B, h, Tq, d = y.shape
         y = y.transpose(1, 2).reshape(B, Tq, h * d)                             # (B, Tq, H)
         return self.out(y if cls_query is not None else tokens.rows(y))
+
+    def attend(self, q, k, v, attn_mask):
+        """softmax(Q K^T / sqrt(d) + mask) V, with dropout on the probabilities P.
+
+        q: (B, h, Tq, d); k, v: (B, h, T, d); attn_mask: (B, 1, 1, T) bool (True = a real token)
+        or None. Written out in training on a CPU (the fast dropout masks of bert/speed.py) and
+        when `written_out` asks for plain tensor operations; elsewhere the same math in torch's
+        fused kernel.
+        """
+        p = self.attn_dropout if self.training else 0.0
+        if not (self.written_out or (p > 0.0 and q.device.type == "cpu")):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        scores = (q * self.head_size ** -0.5) @ k.transpose(-1, -2)            # (B, h, Tq, T)
+        if attn_mask is not None:        # -inf before the softmax: weight 0 on padding keys
+            padding = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill_(~attn_mask, float("-inf"))
+            scores.add_(padding)                                               # (B, 1, 1, T)
+        probs = scores.softmax(dim=-1)                                         # P: (B, h, Tq, T)
+        if self.written_out:             # forward mode differentiates plain operations only
+            return dropout(probs, p, self.training) @ v
+        return dropped_times_values(probs, v, p)       # dropout(P) V, keeping a 1-byte mask
 
 
 class FeedForward(nn.Module):

@@ -10,12 +10,12 @@ What each buys is measured in docs/SPEED.md ("What changed", under the names giv
   with `bernoulli_`, element by element; comparing 32-bit random integers with a threshold draws
   the same Bernoulli(1 - p) masks several times faster ("Dropout masks from random integers").
   On a GPU torch's fused dropout runs.
-- `attend`: softmax(Q K^T / sqrt(d) + mask) V. In training on a CPU it is written out, so that
-  the attention probabilities go through the fast dropout masks above, and the backward pass
-  keeps the probabilities and a 1-byte mask instead of three float maps, a third of what an
-  LNSR step holds ("Attention dropout keeps a bool mask"); everywhere else it is torch's
-  scaled_dot_product_attention (on a CPU with dropout, SDPA takes the same written-out path,
-  with torch's slower masks).
+- `dropped_times_values`: dropout(P) V for the attention probabilities P, which model.py's
+  `SelfAttention.attend` writes out in training on a CPU so that they go through the fast
+  dropout masks above (elsewhere torch's scaled_dot_product_attention runs; on a CPU with
+  dropout SDPA takes the same written-out path, with torch's slower masks). The backward pass
+  keeps P and a 1-byte mask instead of three float maps, a third of what an LNSR step holds
+  ("Attention dropout keeps a bool mask").
 - `LayerNorm`, `write_out`: the layers that LNSR's jvp estimator differentiates in forward mode
   (torch.func.jvp) compute attention and LayerNorm as plain tensor operations, in every pass.
   SDPA's fused kernels have no forward-mode rule, and their dropout masks cannot be replayed
@@ -93,24 +93,11 @@ class Dropout(nn.Dropout):
 
 # ----------------------------------------------------------------------------- attention
 
-def attend(q, k, v, attn_mask, p: float, written_out: bool = False):
-    """softmax(Q K^T / sqrt(d) + mask) V with dropout p on the probabilities.
-
-    q: (B, h, Tq, d); k, v: (B, h, T, d); attn_mask: (B, 1, 1, T) bool (True = a real token) or
-    None. Returns (B, h, Tq, d). Written out as tensor operations in training on a CPU, and
-    wherever `written_out` asks for it; torch's scaled_dot_product_attention elsewhere.
-    """
-    if written_out or (p > 0.0 and q.device.type == "cpu"):
-        d = q.shape[-1]
-        scores = (q * d ** -0.5) @ k.transpose(-1, -2)                      # (B, h, Tq, T)
-        if attn_mask is not None:        # -inf before the softmax: weight 0 on padding
-            scores.add_(torch.zeros(attn_mask.shape, dtype=scores.dtype, device=q.device)
-                        .masked_fill_(~attn_mask, float("-inf")))           # (B, 1, 1, T)
-        probs = scores.softmax(dim=-1)                                       # P: (B, h, Tq, T)
-        if written_out:                  # forward mode differentiates plain operations only
-            return dropout(probs, p, True) @ v
-        return _DroppedProbsTimesValues.apply(probs, v, p)                  # dropout(P) V
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+def dropped_times_values(probs, v, p: float):
+    """dropout(P) V in training on a CPU, keeping P and a 1-byte mask for the backward pass
+    (`_DroppedProbsTimesValues`): the bits of `dropout(probs, p, True) @ v`, with less memory.
+    probs: (B, h, Tq, T), v: (B, h, T, d) -> (B, h, Tq, d)."""
+    return _DroppedProbsTimesValues.apply(probs, v, p)
 
 
 class _DroppedProbsTimesValues(torch.autograd.Function):
@@ -157,7 +144,7 @@ class LayerNorm(nn.LayerNorm):
 
 def write_out(module: nn.Module, on: bool = True):
     """Set `written_out` on every part of `module` that has one: its attention product
-    (`attend`) and its LayerNorms."""
+    (`SelfAttention.attend` in bert/model.py) and its LayerNorms."""
     for part in module.modules():
         if hasattr(part, "written_out"):
             part.written_out = on

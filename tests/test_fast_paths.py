@@ -84,27 +84,25 @@ def test_explicit_training_attention_equals_sdpa(pad):
 
 @pytest.mark.parametrize("T", [16, 37])
 def test_attention_dropout_keeping_a_bool_mask_has_the_bits_of_dropout_then_product(T):
-    """`attend`'s training path keeps P and a bool mask and recomputes dropout(P) in the backward
-    pass; the output and the gradients of Q, K and V are those of `dropout(softmax(...)) @ V`
-    written out, bit for bit, and the masks are the same draws from the same random stream."""
+    """`SelfAttention.attend` in training on a CPU keeps P and a bool mask and recomputes
+    dropout(P) in the backward pass (`dropped_times_values`); the output and the gradients of Q,
+    K and V are those of `dropout(P) @ V` written out (the written-out layer), bit for bit, and
+    the masks are the same draws from the same random stream."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, T, 8, generator=g, requires_grad=True) for _ in range(3))
     attn_mask = torch.ones(3, 1, 1, T, dtype=torch.bool)
     attn_mask[1, ..., T // 2:] = False
     grad_out = torch.randn(3, 4, T, 8, generator=g)
-
-    def written_out(q, k, v, attn_mask, p):
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-        return dropout(scores.softmax(dim=-1), p, True) @ v
-
+    attention = tiny.tiny_model(num_layers=1, dropout=0.3, heads=4).bert.layers[0].attention.train()
     results = []
-    for attention in (written_out, speed.attend):
+    for written_out in (True, False):
+        attention.written_out = written_out
         torch.manual_seed(1)
-        out = attention(q, k, v, attn_mask, 0.3)
+        out = attention.attend(q, k, v, attn_mask)
         results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out), torch.rand(1)))
+    bits = lambda t: t.reshape(-1).view(torch.int32)
     for fused, reference in zip(*results):
-        assert torch.equal(fused, reference)
+        assert torch.equal(bits(fused), bits(reference))
 
 
 def cls_only_run(cls_only, train):

@@ -342,7 +342,7 @@ def test_bf16_is_refused_for_methods_whose_noise_it_would_round_away(tmp_path, c
 def test_lnsr_jvp_trains_in_bf16_and_records_its_estimator(tmp_path, tiny_model, monkeypatch):
     """On hardware with native bf16 (mocked), --precision auto gives lnsr with the jvp estimator
     bf16, as it gives ft; config.json records the estimator and the recipe."""
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(numerics, "cpu_flags", lambda: {"avx512_bf16"})
     assert run(tmp_path, "--methods", "ft,lnsr", "--lnsr-estimator", "jvp", "--max-train-samples", "8",
                "--max-eval-samples", "8", model=tiny_model) == 0
     for name in ("ft", "lnsr"):
