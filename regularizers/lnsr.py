@@ -17,9 +17,9 @@ noisy pass uses; there are two ways to read Algorithm 1's "forward pass given x 
     shared       R = sum_r lambda_r || f^{b,r}(x^b + eps; m) - f^{b,r}(x^b; m)  ||^2
     independent  R = sum_r lambda_r || f^{b,r}(x^b + eps; m') - f^{b,r}(x^b; m) ||^2,  m' drawn anew
 
-`--lnsr-dropout shared` (the noisy pass replays the clean pass's masks m: the forward pass
-records the RNG state before layer b and `run_layers` restores it) measures the injected noise
-and nothing else: with sigma = 0, R is exactly 0, in training mode too. `independent` is what
+`--lnsr-dropout shared` (the noisy pass replays the clean pass's masks m: a hook records the
+RNG state as the clean pass enters layer b, and the noisy pass starts from it, in
+regularizers/replay.py) measures the injected noise and nothing else: with sigma = 0, R is exactly 0, in training mode too. `independent` is what
 running a Hugging Face model twice in training mode does: R then also measures, and mostly
 measures, the disagreement between two dropout draws (on MiniLM with sigma = 0, about 3434
 under "sum" and 0.32 under "mean"), a consistency regulariser under dropout.
