@@ -85,12 +85,11 @@ def r3f_method(shared_dropout):
     return R3F(R3FOptions(shared_dropout=shared_dropout, eps=1e-3))
 
 
-@pytest.mark.parametrize("make, passes", [(smart_method, 3), (r3f_method, 1)])
-def test_smart_and_r3f_perturbed_passes_draw_the_clean_pass_masks(monkeypatch, make, passes):
-    """SMART: one ascent pass, the pass at delta_K and the teacher's; R3F: the noisy pass. Each
-    draws, mask for mask, what the clean pass drew, and the global RNG ends where it was."""
+def clean_and_penalty_masks(monkeypatch, make, shared_dropout):
+    """The masks of a clean training pass, those of the method's penalty after it, and whether
+    the global RNG ended where the clean pass left it."""
     model = tiny.tiny_model(num_layers=L).train()
-    method = make(shared_dropout=True)
+    method = make(shared_dropout=shared_dropout)
     method.setup(model, seed=3)
     batch = tiny.tiny_batch()
     drawn = record_masks(monkeypatch)
@@ -100,7 +99,15 @@ def test_smart_and_r3f_perturbed_passes_draw_the_clean_pass_masks(monkeypatch, m
     rng_after_clean = torch.get_rng_state()
     drawn.clear()
     method.penalty(model, batch, outputs)
-    assert torch.equal(torch.get_rng_state(), rng_after_clean)
+    return clean_masks, list(drawn), torch.equal(torch.get_rng_state(), rng_after_clean)
+
+
+@pytest.mark.parametrize("make, passes", [(smart_method, 3), (r3f_method, 1)])
+def test_smart_and_r3f_perturbed_passes_draw_the_clean_pass_masks(monkeypatch, make, passes):
+    """SMART: one ascent pass, the pass at delta_K and the teacher's; R3F: the noisy pass. Each
+    draws, mask for mask, what the clean pass drew, and the global RNG ends where it was."""
+    clean_masks, drawn, rng_unmoved = clean_and_penalty_masks(monkeypatch, make, shared_dropout=True)
+    assert rng_unmoved
     assert len(drawn) == passes * len(clean_masks) and len(clean_masks) == 3 * L + 2
     for k in range(passes):
         assert same_masks(drawn[k * len(clean_masks):(k + 1) * len(clean_masks)], clean_masks), f"pass {k + 1}"
@@ -108,15 +115,6 @@ def test_smart_and_r3f_perturbed_passes_draw_the_clean_pass_masks(monkeypatch, m
 
 @pytest.mark.parametrize("make", [smart_method, r3f_method])
 def test_without_shared_dropout_the_perturbed_pass_draws_its_own_masks(monkeypatch, make):
-    model = tiny.tiny_model(num_layers=L).train()
-    method = make(shared_dropout=False)
-    method.setup(model, seed=3)
-    batch = tiny.tiny_batch()
-    drawn = record_masks(monkeypatch)
-    torch.manual_seed(0)
-    outputs = tiny.forward(model, batch)
-    clean_masks = list(drawn)
-    drawn.clear()
-    method.penalty(model, batch, outputs)
+    clean_masks, drawn, _ = clean_and_penalty_masks(monkeypatch, make, shared_dropout=False)
     first_pass = drawn[:len(clean_masks)]
     assert not any(torch.equal(x, y) for x, y in zip(first_pass, clean_masks))
