@@ -91,18 +91,17 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_size).transpose(1, 2)
 
-    def forward(self, rows, attn_mask, tokens, cls_query=None):
+    def forward(self, rows, tokens, cls_query=None):
         """rows -> rows: the tokens' hidden states as `tokens` lays them out, (B, T, H) or the
-        real tokens alone, (R, H) (bert/speed.py). With cls_query, the (B, 1, H) [CLS] rows that
-        make the queries, the output is (B, 1, H); keys and values still come from every token.
-
-        attn_mask is (B, 1, 1, T) bool (True = a real token) or None when nothing is padded.
+        real tokens alone, (R, H) (bert/speed.py::token_rows, which also holds the padding mask).
+        With cls_query, the (B, 1, H) [CLS] rows that make the queries, the output is (B, 1, H);
+        keys and values still come from every token.
         """
         k = self.split_heads(tokens.grid(self.key(rows)))                       # (B, h, T, d)
         v = self.split_heads(tokens.grid(self.value(rows)))                     # (B, h, T, d)
         q = self.split_heads(tokens.grid(self.query(rows)) if cls_query is None
                              else self.query(cls_query))                        # (B, h, Tq, d)
-        y = self.attend(q, k, v, attn_mask)                                     # (B, h, Tq, d)
+        y = self.attend(q, k, v, tokens.attn_mask)                              # (B, h, Tq, d)
         B, h, Tq, d = y.shape
         y = y.transpose(1, 2).reshape(B, Tq, h * d)                             # (B, Tq, H)
         return self.out(y if cls_query is not None else tokens.rows(y))
@@ -148,12 +147,12 @@ class Layer(nn.Module):
         self.ffn_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, attn_mask, tokens, cls_only=False):                   # x: (B, T, H)
+    def forward(self, x, tokens, cls_only=False):                              # x: (B, T, H)
         rows = tokens.rows(x)                         # (B, T, H), or (R, H): real tokens alone
         if cls_only:          # only the pooler reads this layer: [CLS] makes the only queries
             cls = x[:, :1]                                                       # (B, 1, H)
-            return self.after_attention(cls, self.attention(rows, attn_mask, tokens, cls))
-        y = self.after_attention(rows, self.attention(rows, attn_mask, tokens), tokens.real_rows)
+            return self.after_attention(cls, self.attention(rows, tokens, cls))
+        y = self.after_attention(rows, self.attention(rows, tokens), tokens.real_rows)
         return tokens.grid(y)                                                    # (B, T, H)
 
     def after_attention(self, x, attended, real_rows=None):
@@ -217,7 +216,7 @@ class BertModel(nn.Module):
         L = len(self.layers)
         tokens = token_rows(attn_mask, x.device)        # every position, or the real tokens alone
         for b, layer in enumerate(self.layers, start=1):
-            x = layer(x, attn_mask, tokens, cls_only=self.cls_only_last_layer and b == L)
+            x = layer(x, tokens, cls_only=self.cls_only_last_layer and b == L)
             hidden_states.append(x)
         return BertOutput(last_hidden_state=x, pooler_output=self.pooler(x),
                           hidden_states=tuple(hidden_states), attn_mask=attn_mask)
@@ -234,7 +233,7 @@ class BertModel(nn.Module):
             raise ValueError(f"layer b={b} is outside 1..{L}")
         tokens, outputs, x = token_rows(attn_mask, x_b.device), [], x_b
         for layer in self.layers[b - 1:]:
-            x = layer(x, attn_mask, tokens)
+            x = layer(x, tokens)
             outputs.append(x)
         return outputs
 

@@ -181,6 +181,9 @@ class AllPositions:
     """Rows are the (B, T, H) hidden states themselves: every position, padding included."""
     real_rows = None                     # no extra rows to leave out of dropout
 
+    def __init__(self, attn_mask):       # (B, 1, 1, T) bool, or None: nothing is padded
+        self.attn_mask = attn_mask
+
     def rows(self, x):                   # (B, T, H) -> (B, T, H)
         return x
 
@@ -197,6 +200,7 @@ class RealTokens:
     """
 
     def __init__(self, attn_mask):       # (B, 1, 1, T) bool
+        self.attn_mask = attn_mask
         self.B, self.T = attn_mask.shape[0], attn_mask.shape[-1]
         real = attn_mask.reshape(self.B * self.T)                                # (B*T,)
         self.real = real.nonzero().squeeze(1)                                    # (N,)
@@ -217,8 +221,9 @@ class RealTokens:
 
 
 def token_rows(attn_mask, device):
-    """The rows a layer's projections run on: the real tokens alone on a CPU with padding,
-    every position elsewhere."""
+    """How a padded batch's tokens are laid out for the layers: the padding mask the attention
+    reads (`.attn_mask`) and the rows the projections run on, the real tokens alone on a CPU
+    with padding, every position elsewhere."""
     if attn_mask is None or device.type != "cpu":
-        return AllPositions()
+        return AllPositions(attn_mask)
     return RealTokens(attn_mask)
