@@ -18,8 +18,7 @@ Each layer is post-LayerNorm, as in the original BERT:
 
 The attention formula is `SelfAttention.attend`, one `if` between the written-out product and
 torch's fused kernel. Speed tricks sit behind seams from bert/speed.py, out of the way of the
-math: `Dropout` (fast CPU masks), `dropped_times_values` (dropout(P) V keeping a 1-byte mask
-for the backward pass) and `token_rows` (on a CPU, projections and
+math: `Dropout` / `dropout` (fast CPU masks) and `token_rows` (on a CPU, projections and
 the feed-forward block run on the real tokens alone, with a few padding rows that round their
 count up to a bucket, so a layer's output is 0 at padding, where Hugging Face computes values
 that every later step masks out). A fourth, `cls_only_last_layer`, lets the last layer compute
@@ -37,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bert.config import BertConfig
-from bert.speed import Dropout, LayerNorm, dropout, dropped_times_values, token_rows   # the seams: bert/speed.py
+from bert.speed import Dropout, LayerNorm, dropout, token_rows     # the seams, see bert/speed.py
 from bert.weights import load_pretrained, save_pretrained
 
 ACTIVATIONS = {
@@ -122,9 +121,7 @@ class SelfAttention(nn.Module):
             padding = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill_(~attn_mask, float("-inf"))
             scores.add_(padding)                                               # (B, 1, 1, T)
         probs = scores.softmax(dim=-1)                                         # P: (B, h, Tq, T)
-        if self.written_out:             # forward mode differentiates plain operations only
-            return dropout(probs, p, self.training) @ v
-        return dropped_times_values(probs, v, p)       # dropout(P) V, keeping a 1-byte mask
+        return dropout(probs, p, self.training) @ v                            # dropout(P) V
 
 
 class FeedForward(nn.Module):

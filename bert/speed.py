@@ -10,12 +10,9 @@ What each buys is measured in docs/SPEED.md ("What changed", under the names giv
   with `bernoulli_`, element by element; comparing 32-bit random integers with a threshold draws
   the same Bernoulli(1 - p) masks several times faster ("Dropout masks from random integers").
   On a GPU torch's fused dropout runs.
-- `dropped_times_values`: dropout(P) V for the attention probabilities P, which model.py's
-  `SelfAttention.attend` writes out in training on a CPU so that they go through the fast
-  dropout masks above (elsewhere torch's scaled_dot_product_attention runs; on a CPU with
-  dropout SDPA takes the same written-out path, with torch's slower masks). The backward pass
-  keeps P and a 1-byte mask instead of three float maps, a third of what an LNSR step holds
-  ("Attention dropout keeps a bool mask").
+  model.py's `SelfAttention.attend` writes the attention out in training on a CPU so that its
+  probabilities go through these masks (elsewhere torch's scaled_dot_product_attention runs; on
+  a CPU with dropout SDPA takes the same written-out path, with torch's slower masks).
 - `LayerNorm`, `write_out`: the layers that LNSR's jvp estimator differentiates in forward mode
   (torch.func.jvp) compute attention and LayerNorm as plain tensor operations, in every pass.
   SDPA's fused kernels have no forward-mode rule, and their dropout masks cannot be replayed
@@ -89,42 +86,6 @@ class Dropout(nn.Dropout):
 
     def forward(self, x, real_rows=None):
         return dropout(x, self.p, self.training, real_rows)
-
-
-# ----------------------------------------------------------------------------- attention
-
-def dropped_times_values(probs, v, p: float):
-    """dropout(P) V in training on a CPU, keeping P and a 1-byte mask for the backward pass
-    (`_DroppedProbsTimesValues`): the bits of `dropout(probs, p, True) @ v`, with less memory.
-    probs: (B, h, Tq, T), v: (B, h, T, d) -> (B, h, Tq, d)."""
-    return _DroppedProbsTimesValues.apply(probs, v, p)
-
-
-class _DroppedProbsTimesValues(torch.autograd.Function):
-    """dropout(P) V, keeping for the backward pass P and a bool mask, not dropout(P) as well.
-
-    Written as `dropout(P) @ V`, autograd keeps three (B, h, T, T) maps per layer: P (for the
-    softmax), the float mask (for dropout) and dropout(P) (for the product); at T = 128 on a
-    batch of 32 that is 72 MiB a layer, the largest part of what a step holds (docs/SPEED.md,
-    "Memory on a CPU"). This keeps P, which the softmax keeps anyway, and the 1-byte mask, and
-    recomputes the float mask and dropout(P) from them in the backward pass: the same operations
-    on the same numbers, so the same bits (tests/test_fast_paths.py).
-    """
-
-    @staticmethod
-    def forward(ctx, probs, v, p):                  # probs (B, h, T, T), v (B, h, T, d)
-        keep, scale = keep_mask(probs.shape, p, probs.device)
-        ctx.save_for_backward(probs, keep, v)
-        ctx.scale = scale
-        return (probs * keep.to(probs.dtype).mul_(scale)) @ v                  # (B, h, T, d)
-
-    @staticmethod
-    def backward(ctx, grad):                        # grad (B, h, T, d)
-        probs, keep, v = ctx.saved_tensors
-        mask = keep.to(probs.dtype).mul_(ctx.scale)                           # 0 or 1/(1-p)
-        grad_v = (probs * mask).transpose(-1, -2) @ grad                      # (B, h, T, d)
-        grad_probs = (grad @ v.transpose(-1, -2)).mul_(mask)                  # (B, h, T, T)
-        return grad_probs, grad_v, None
 
 
 # ----------------------------------------------------------------------------- written out
