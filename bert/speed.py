@@ -129,10 +129,13 @@ def row_bucket(n: int) -> int:
     a short list the blocks freed by one step fit the next one with the same count (docs/SPEED.md,
     "Row counts in buckets" and "Memory on a CPU"). The price: 2-3% more rows on GLUE's batches.
 
-    With one thread every value and gradient is bit for bit that of the N rows alone
-    (tests/test_fast_paths.py). With several, torch splits LayerNorm's weight and bias gradient
-    sums over the rows among the threads, and another row count moves the split: those
-    gradients can differ in the last bits (relative 2e-6 measured on MiniLM).
+    Every value of the forward pass, every dropout mask and the random stream are bit for bit
+    those of the N rows alone (tests/test_fast_paths.py). Gradients that sum over the rows can
+    round differently: the weight gradients of the projections (a product over the rows, which
+    the BLAS blocks by the row count; relative differences about 1e-7 on MiniLM, one thread)
+    and, with several threads, LayerNorm's (torch splits their sums among the threads by rows,
+    relative 2e-6). A run is as deterministic as before, but not bit for bit a run of the code
+    without buckets: 4-step MiniLM runs differ from step 4 in the last digits of the loss.
     """
     step = 1 << max(0, n.bit_length() - ROW_BITS)
     return -(-n // step) * step
@@ -157,7 +160,8 @@ class RealTokens:
     tokens first, then R - N padding positions, R = row_bucket(N) (or every position, if the
     batch has fewer). The extra rows are computed like the rest and dropped by `grid`: a layer's
     output stays 0 at padding, and no real token reads them (attention masks padding keys, and
-    everything else works row by row), so each real token's values are those of the N rows alone.
+    everything else works row by row), so each real token's values are those of the N rows alone
+    (the gradients' sums over rows may round differently, see `row_bucket`).
     """
 
     def __init__(self, attn_mask):       # (B, 1, 1, T) bool
