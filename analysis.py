@@ -454,7 +454,10 @@ def plot_curves(groups, metrics: dict, path: Path, title: str = ""):
 def finish_panel(ax, ylabel):
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if len(ax.get_legend_handles_labels()[1]) > 6:     # a long legend would cover the lines
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7, loc="best")
 
 
 def save_figure(fig, path, title):
@@ -462,7 +465,7 @@ def save_figure(fig, path, title):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")                 # legends beside a panel too
     return fig
 
 
