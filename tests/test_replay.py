@@ -8,7 +8,6 @@ tests/test_lnsr.py::test_noisy_pass_masks_are_the_clean_pass_masks_only_when_sha
 import pytest
 import torch
 
-import bert.speed
 import tiny
 from regularizers.r3f import R3F, R3FOptions
 from regularizers.replay import DropoutReplay
@@ -17,17 +16,9 @@ from regularizers.smart import SMART, SMARTOptions
 L = 3
 
 
-def record_masks(monkeypatch) -> list:
-    """Every keep-mask drawn from now on, in order."""
-    drawn, keep_mask = [], bert.speed.keep_mask
-
-    def recording(shape, p, device):
-        keep, scale = keep_mask(shape, p, device)
-        drawn.append(keep.clone())
-        return keep, scale
-
-    monkeypatch.setattr(bert.speed, "keep_mask", recording)
-    return drawn
+def masks(drawn) -> list:
+    """The masks alone, in the order drawn, from tiny.record_masks's records."""
+    return [mask for *_, mask in drawn]
 
 
 def same_masks(a, b) -> bool:
@@ -39,11 +30,11 @@ def test_a_replayed_pass_from_layer_b_draws_the_clean_masks_and_leaves_the_rng_w
     model = tiny.tiny_model(num_layers=L).train()
     replay = DropoutReplay(model.bert.layers[b - 1])
     batch = tiny.tiny_batch()
-    drawn = record_masks(monkeypatch)
+    drawn = tiny.record_masks(monkeypatch)
     torch.manual_seed(0)
     with torch.no_grad():
         clean = tiny.forward(model, batch)
-        clean_masks = list(drawn)
+        clean_masks = masks(drawn)
         rng_after_clean = torch.get_rng_state()
         drawn.clear()
         with replay.extra_passes(), replay.replay():
@@ -52,12 +43,12 @@ def test_a_replayed_pass_from_layer_b_draws_the_clean_masks_and_leaves_the_rng_w
         # Layers b..L draw three masks each (attention, two hidden); the clean pass drew the
         # embedding output's mask first and the classifier's last.
         assert len(drawn) == 3 * (L - b + 1)
-        assert same_masks(drawn, clean_masks[1 + 3 * (b - 1):-1])
+        assert same_masks(masks(drawn), clean_masks[1 + 3 * (b - 1):-1])
         for r, (x, x_clean) in enumerate(zip(again, clean.hidden_states[b:]), start=b):
             assert torch.equal(x, x_clean), f"layer {r}"
         drawn.clear()
         fresh = model.bert.run_layers(clean.hidden_states[b - 1], clean.attn_mask, b)   # no replay
-        assert not any(torch.equal(x, y) for x, y in zip(drawn, clean_masks[1 + 3 * (b - 1):-1]))
+        assert not any(torch.equal(x, y) for x, y in zip(masks(drawn), clean_masks[1 + 3 * (b - 1):-1]))
         assert not torch.equal(fresh[0], clean.hidden_states[b])
 
 
@@ -65,16 +56,16 @@ def test_passes_outside_the_clean_one_do_not_overwrite_its_record(monkeypatch):
     model = tiny.tiny_model(num_layers=L).train()
     replay = DropoutReplay(model)
     batch = tiny.tiny_batch()
-    drawn = record_masks(monkeypatch)
+    drawn = tiny.record_masks(monkeypatch)
     with torch.no_grad():
         tiny.forward(model, batch)
-        clean_masks = list(drawn)
+        clean_masks = masks(drawn)
         with replay.extra_passes():
             tiny.forward(model, batch)                # a pass with fresh masks, not recorded
         drawn.clear()
         with replay.extra_passes(), replay.replay():
             tiny.forward(model, batch)
-    assert same_masks(drawn, clean_masks)
+    assert same_masks(masks(drawn), clean_masks)
 
 
 def smart_method(shared_dropout):
@@ -92,14 +83,14 @@ def clean_and_penalty_masks(monkeypatch, make, shared_dropout):
     method = make(shared_dropout=shared_dropout)
     method.setup(model, seed=3)
     batch = tiny.tiny_batch()
-    drawn = record_masks(monkeypatch)
+    drawn = tiny.record_masks(monkeypatch)
     torch.manual_seed(0)
     outputs = tiny.forward(model, batch)
-    clean_masks = list(drawn)
+    clean_masks = masks(drawn)
     rng_after_clean = torch.get_rng_state()
     drawn.clear()
     method.penalty(model, batch, outputs)
-    return clean_masks, list(drawn), torch.equal(torch.get_rng_state(), rng_after_clean)
+    return clean_masks, masks(drawn), torch.equal(torch.get_rng_state(), rng_after_clean)
 
 
 @pytest.mark.parametrize("make, passes", [(smart_method, 3), (r3f_method, 1)])
