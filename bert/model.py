@@ -22,9 +22,9 @@ math: `Dropout` / `dropout` (fast CPU masks) and `token_rows` (on a CPU, project
 the feed-forward block run on the real tokens alone, with a few padding rows that round their
 count up to a bucket, so a layer's output is 0 at padding, where Hugging Face computes values
 that every later step masks out). A fourth, `cls_only_last_layer`, lets the last layer compute
-the [CLS] position alone. None changes a value that is read. A layer's attention and
-LayerNorms can also be written out as plain tensor operations (`written_out`,
-bert/speed.py::write_out), for forward-mode differentiation (LNSR's jvp estimator).
+the [CLS] position alone. None changes a value that is read. A caller can have a layer's
+attention and LayerNorms computed as plain tensor operations (bert/speed.py::write_out, hooks
+from outside the model), for forward-mode differentiation (LNSR's jvp estimator).
 
 Weight names differ from Hugging Face's where a shorter name reads better; bert/weights.py maps
 between the two explicitly.
@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bert.config import BertConfig
-from bert.speed import Dropout, LayerNorm, dropout, token_rows     # the seams, see bert/speed.py
+from bert.speed import Dropout, LayerNorm, dropout, token_rows, written_out   # the seams, bert/speed.py
 from bert.weights import load_pretrained, save_pretrained
 
 ACTIVATIONS = {
@@ -82,9 +82,6 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attention_probs_dropout_prob
-        # True: the attention product as plain tensor operations, never SDPA, for forward-mode
-        # differentiation (bert/speed.py::write_out; LNSR's jvp estimator sets it in layers b..L).
-        self.written_out = False
 
     def split_heads(self, x):                                   # (B, T, H) -> (B, h, T, d)
         B, T, _ = x.shape
@@ -110,11 +107,11 @@ class SelfAttention(nn.Module):
 
         q: (B, h, Tq, d); k, v: (B, h, T, d); attn_mask: (B, 1, 1, T) bool (True = a real token)
         or None. Written out in training on a CPU (the fast dropout masks of bert/speed.py) and
-        when `written_out` asks for plain tensor operations; elsewhere the same math in torch's
-        fused kernel.
+        inside a module that bert/speed.py::write_out asks for plain tensor operations;
+        elsewhere the same math in torch's fused kernel.
         """
         p = self.attn_dropout if self.training else 0.0
-        if not (self.written_out or (p > 0.0 and q.device.type == "cpu")):
+        if not (written_out() or (p > 0.0 and q.device.type == "cpu")):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         scores = (q * self.head_size ** -0.5) @ k.transpose(-1, -2)            # (B, h, Tq, T)
         if attn_mask is not None:        # -inf before the softmax: weight 0 on padding keys

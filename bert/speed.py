@@ -90,25 +90,47 @@ class Dropout(nn.Dropout):
 
 # ----------------------------------------------------------------------------- written out
 
+# How many modules passed to `write_out` are running their forward pass now (they nest: a layer
+# inside a model). A count, not a flag on the model: the choice belongs to the caller, and the
+# model's modules keep no state for it.
+_written_out_depth = 0
+
+
+def written_out() -> bool:
+    """True while a module passed to `write_out` runs its forward pass: attention
+    (bert/model.py::SelfAttention.attend) and LayerNorm then compute as plain tensor operations."""
+    return _written_out_depth > 0
+
+
+def write_out(module: nn.Module):
+    """From now on, `module`'s forward passes compute attention and LayerNorm as plain tensor
+    operations: forward-mode differentiation (torch.func.jvp) differentiates them correctly, and
+    the attention's dropout masks come from the global generator, where a replay can reproduce
+    them (SDPA's fused kernels draw their own). Done with forward hooks on `module`, which
+    leave the module's attributes and signature alone; returns their handles (`.remove()` undoes).
+    """
+    def enter(module, args):
+        global _written_out_depth
+        _written_out_depth += 1
+
+    def leave(module, args, output):                # also when the forward pass raises
+        global _written_out_depth
+        _written_out_depth -= 1
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+
+
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm, or with `written_out` set, the same normalisation as plain tensor operations
-    (biased variance, as nn.LayerNorm), whose forward-mode derivative autograd can differentiate."""
-    written_out = False
+    """nn.LayerNorm, or inside a written-out module (`write_out`), the same normalisation as plain
+    tensor operations (biased variance, as nn.LayerNorm), whose forward-mode derivative autograd
+    can differentiate again."""
 
     def forward(self, x):
-        if not self.written_out:
+        if not written_out():
             return super().forward(x)
         centered = x - x.mean(dim=-1, keepdim=True)
         variance = centered.pow(2).mean(dim=-1, keepdim=True)
         return centered * torch.rsqrt(variance + self.eps) * self.weight + self.bias
-
-
-def write_out(module: nn.Module, on: bool = True):
-    """Set `written_out` on every part of `module` that has one: its attention product
-    (`SelfAttention.attend` in bert/model.py) and its LayerNorms."""
-    for part in module.modules():
-        if hasattr(part, "written_out"):
-            part.written_out = on
 
 
 # ----------------------------------------------------------------------------- token rows

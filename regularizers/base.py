@@ -14,8 +14,8 @@ What a method gets and what it may change:
 - `setup` gets the model with its pretrained weights and new head, in training mode, and the
   run's seed. It may register hooks on the model's modules (FT+Noise adds its noise with one;
   regularizers/replay.py records the clean pass's dropout state with one) and keep generators
-  and modules of its own (saved in checkpoints, see below). It keeps no state on the model; it
-  may choose how the model's layers compute where the model offers a choice (LNSR's jvp
+  and modules of its own (saved in checkpoints, see below). It keeps no state on the model; a
+  hook may choose how a layer computes where bert/speed.py offers a choice (LNSR's jvp
   estimator has layers b..L written out as plain tensor operations, bert/speed.py::write_out).
 - `penalty` gets the batch and the clean pass's outputs (logits, every hidden state, the
   attention mask). It may run the model or some of its layers again. A second pass that should

@@ -218,8 +218,9 @@ class LNSR(Regularizer):
         self.replay = DropoutReplay(model.bert.layers[o.layer - 1], enabled=o.dropout == "shared")
         # jvp: layers b..L compute attention and LayerNorm as plain tensor operations, which
         # forward mode differentiates correctly, in the clean pass too (bert/speed.py::write_out).
-        for r, layer in enumerate(model.bert.layers, start=1):
-            write_out(layer, o.estimator == "jvp" and r >= o.layer)
+        if o.estimator == "jvp":
+            for layer in model.bert.layers[o.layer - 1:]:
+                write_out(layer)
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)

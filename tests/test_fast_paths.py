@@ -16,10 +16,11 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
 from bert import model as bert_model
 from bert import speed
-from bert.speed import Dropout, LayerNorm, dropout, keep_mask, row_bucket, write_out
+from bert.speed import Dropout, LayerNorm, dropout, keep_mask, row_bucket, write_out, written_out
 import tiny
 
 # With p this small, round(p * 2^32) = 0: nothing is dropped and the scale is exactly 1, but the
@@ -224,13 +225,36 @@ def test_written_out_layer_norm_equals_torch_s():
     fused_grads = [t.grad.clone() for t in (x, norm.weight, norm.bias)]
     for t in (x, norm.weight, norm.bias):
         t.grad = None
-    write_out(norm)
-    assert norm.written_out
+    hooks = write_out(norm)
     written_out = norm(x)
     written_out.pow(3).sum().backward()
+    assert not torch.equal(written_out, fused)                           # really another path
     torch.testing.assert_close(written_out, fused, atol=1e-12, rtol=0)
     for fused_grad, t in zip(fused_grads, (x, norm.weight, norm.bias)):
         torch.testing.assert_close(t.grad, fused_grad, atol=1e-10, rtol=0)
+    for hook in hooks:                                                   # undone: torch's again
+        hook.remove()
+    assert torch.equal(norm(x), fused)
+
+
+def test_write_out_holds_inside_the_modules_forward_pass_alone():
+    """The choice lives in hooks, not in the model: outside the written-out layer's forward pass
+    (before, after, in the layers around it, and after a forward pass that raised) torch's
+    kernels run again."""
+    model = tiny.tiny_model(num_layers=3, heads=4).eval()
+    seen = {}
+    for i, layer in enumerate(model.bert.layers):
+        layer.attention.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, written_out()))
+    write_out(model.bert.layers[1])
+    assert not written_out()
+    tiny.forward(model, tiny.tiny_batch())
+    assert seen == {0: False, 1: True, 2: False} and not written_out()
+    assert not any(vars(layer).get("written_out") for layer in model.modules())   # no flag on the model
+    failing = nn.Linear(2, 2)
+    write_out(failing)
+    with pytest.raises(RuntimeError):
+        failing(torch.zeros(3))                                          # wrong width: raises
+    assert not written_out()
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -240,8 +264,8 @@ def test_written_out_layers_equal_the_fused_ones(train):
     runs = []
     for written in (False, True):
         model = tiny.tiny_model(num_layers=3, heads=4).double().train(train)
-        write_out(model, written)
-        assert all(layer.attention.written_out == layer.ffn_norm.written_out == written for layer in model.bert.layers)
+        if written:
+            write_out(model)
         torch.manual_seed(9)
         out = tiny.forward(model, tiny.tiny_batch())
         out.hidden_states[-1].pow(2).sum().backward()
