@@ -1,6 +1,8 @@
 """The decision rules of docs/LNSR_REGIME.md, applied to committed runs.
 
     python docs/lnsr_regime_rules.py stage1 results/regime/stage1/adam results/regime/stage1/adamw
+    python docs/lnsr_regime_rules.py stage2 results/regime/stage2 \
+        --ft results/regime/stage1/adamw/RTE/ft-epochs6-lr5e-05 results/regime/stage1/adamw/CoLA/ft-epochs6-lr5e-05
 
 Stage 1 (the ft recipe, held-out only). For each cell (optimizer, lr, epochs) and task, the
 held-out mean over the seeds; a cell's score is the average over the tasks of (its mean minus the
@@ -8,6 +10,14 @@ best mean on that task among the cells that can be ranked). A cell in which any 
 one answer on the held-out set is out. The chosen recipe is the best-scoring cell; cells within 1.0 point of it tie, and
 among ties the one with fewer epochs wins, then the paper's optimizer (adam), then the smaller lr.
 A cell is ranked once it has every task and every seed (as many as the most complete cell).
+
+Stage 2 (the strength, held-out only, at the stage-1 recipe). For each reading (shared: masks
+replayed; independent: fresh masks) and strength (sigma for shared, lambda for independent), the
+paired difference against ft (same task and seed: stage 1's runs of the chosen cell), averaged
+over its runs. A strength with any collapsed run is out. Each reading's selected strength has the
+largest average difference; strengths within 0.5 points of it tie, and the weaker one wins. It is
+selected even if its difference is not positive. A strength is ranked once it has a run for every
+(task, seed) that ft has.
 """
 import argparse
 import json
@@ -16,8 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
+from run_records import one_answer  # noqa: E402
 
-TIE = 1.0                      # points: cells within this much of the best tie
+TIE = 1.0                      # points: stage-1 cells within this much of the best tie
+STRENGTH_TIE = 0.5             # points: stage-2 strengths within this much of the best tie
 
 
 def cell_of(run_dir) -> tuple:
@@ -63,11 +75,99 @@ def stage1_ranking(table: dict) -> list:
     return [chosen] + rest + out
 
 
+def reading_and_strength(run: dict) -> tuple:
+    """("shared", sigma) or ("independent", lambda) of an LNSR run's results.json."""
+    o = run.get("method_options") or {}
+    if run.get("method") != "lnsr" or o.get("relative_sigma") is not None:
+        raise ValueError(f"{run.get('_dir')}: not an LNSR run with an absolute sigma")
+    if o.get("dropout", "shared") == "shared":
+        return "shared", float(o.get("sigma", 1e-4))
+    return "independent", float(o.get("weights", "1"))
+
+
+def stage2_ranking(ft: dict, lnsr: dict) -> dict:
+    """{reading: [(strength, mean paired difference or None, why not ranked, n)], selected first}.
+
+    ft: {(task, seed): score}; lnsr: {(reading, strength): {(task, seed): (score, collapsed)}}.
+    """
+    by_reading = {}
+    for (reading, strength), runs in lnsr.items():
+        if set(runs) != set(ft):
+            entry = (strength, None, "not complete: a task or a seed missing", len(runs))
+        elif any(collapsed for _, collapsed in runs.values()):
+            entry = (strength, None, "a run collapsed", len(runs))
+        else:
+            diff = sum(score - ft[key] for key, (score, _) in runs.items()) / len(runs)
+            entry = (strength, diff, "", len(runs))
+        by_reading.setdefault(reading, []).append(entry)
+    ranking = {}
+    for reading, entries in by_reading.items():
+        ranked = [e for e in entries if e[1] is not None]
+        out = sorted((e for e in entries if e[1] is None), key=lambda e: e[0])
+        if not ranked:
+            ranking[reading] = out
+            continue
+        top = max(e[1] for e in ranked)
+        chosen = min((e for e in ranked if e[1] >= top - STRENGTH_TIE), key=lambda e: e[0])
+        rest = sorted((e for e in ranked if e is not chosen), key=lambda e: -e[1])
+        ranking[reading] = [chosen] + rest + out
+    return ranking
+
+
+def recipe_of(run: dict) -> tuple:
+    s = json.loads(run["_settings"])
+    return s.get("optimizer"), float(s["lr"]), float(s["epochs"])
+
+
+def stage2(dirs, ft_dirs) -> int:
+    ft_runs, problems = evaluate.read_runs(*map(Path, ft_dirs))
+    runs, more = evaluate.read_runs(*map(Path, dirs))
+    for problem in problems + more:
+        print(f"skipped: {problem}", file=sys.stderr)
+    recipes = {recipe_of(r) for r in ft_runs}
+    if any(r["method"] != "ft" for r in ft_runs) or len(recipes) != 1:
+        print("error: --ft must hold the ft runs of one recipe (stage 1's chosen cell)", file=sys.stderr)
+        return 2
+    other = [r["_dir"] for r in runs if recipe_of(r) not in recipes]
+    if other:
+        print(f"error: {other[0]}: not made at the recipe of the ft runs {recipes.pop()}", file=sys.stderr)
+        return 2
+    ft = {(r["task"], r["seed"]): r["_value"] for r in ft_runs}
+    lnsr = {}
+    for r in runs:
+        lnsr.setdefault(reading_and_strength(r), {})[(r["task"], r["seed"])] = (r["_value"], one_answer(r) is not None)
+    tasks = sorted({t for t, _ in ft})
+    print("| reading | strength | " + " | ".join(f"{t} held-out" for t in tasks) +
+          " | runs | mean difference against ft |")
+    print("|---|---:|" + "---:|" * len(tasks) + "---:|---:|")
+    print("| ft (stage 1) | - | " + " | ".join(
+        f"{sum(v for (task, _), v in ft.items() if task == t) / sum(task == t for task, _ in ft):.2f}" for t in tasks)
+        + f" | {len(ft)} | - |")
+    for reading, entries in sorted(stage2_ranking(ft, lnsr).items(), key=lambda kv: kv[0] != "shared"):
+        for i, (strength, diff, why, n) in enumerate(entries):
+            runs_here = lnsr[(reading, strength)]
+            cols = []
+            for t in tasks:
+                vals = [score for (task, _), (score, _) in runs_here.items() if task == t]
+                cols.append(f"{sum(vals) / len(vals):.2f}" if vals else "-")
+            name = "sigma" if reading == "shared" else "lambda"
+            mark = " **selected**" if i == 0 and diff is not None else ""
+            shown = f"{diff:+.2f}{mark}" if diff is not None else why
+            print(f"| {reading} | {name} {strength:g} | {' | '.join(cols)} | {n} | {shown} |")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["stage1"])
+    p.add_argument("stage", choices=["stage1", "stage2"])
     p.add_argument("dirs", nargs="+", help="folders of runs (searched recursively)")
+    p.add_argument("--ft", nargs="+", default=[], metavar="DIR",
+                   help="stage2: folders of the ft runs of stage 1's chosen cell, every task")
     args = p.parse_args(argv)
+    if args.stage == "stage2":
+        if not args.ft:
+            p.error("stage2 needs --ft")
+        return stage2(args.dirs, args.ft)
     runs, problems = evaluate.read_runs(*map(Path, args.dirs))
     for problem in problems:
         print(f"skipped: {problem}", file=sys.stderr)

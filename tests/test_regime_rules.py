@@ -39,3 +39,46 @@ def test_collapsed_and_incomplete_cells_are_not_ranked():
         ("adamw", 5e-5, 6.0): "a run collapsed",
         ("adamw", 1e-4, 6.0): "not complete: a task or a seed missing",
         ("adamw", 2e-5, 3.0): "not complete: a task or a seed missing"}
+
+
+FT = {("RTE", 1): 60.0, ("RTE", 2): 58.0, ("CoLA", 1): 30.0, ("CoLA", 2): 32.0}
+
+
+def runs_at(*diffs, collapsed=()):
+    """LNSR runs at the ft runs' (task, seed), each its ft score plus a difference."""
+    return {key: (FT[key] + d, key in collapsed) for key, d in zip(sorted(FT), diffs)}
+
+
+def test_stage2_the_largest_mean_paired_difference_wins_and_ties_go_to_the_weaker_strength():
+    lnsr = {
+        ("shared", 1e-4): runs_at(0.0, 0.0, 0.0, 0.4),          # +0.10, ties with 1e-3: weaker
+        ("shared", 1e-3): runs_at(0.5, 0.5, 0.5, 0.5),          # +0.50, the best
+        ("shared", 2e-3): runs_at(-2.0, -1.0, 0.0, -1.0),       # -1.00
+        ("independent", 0.1): runs_at(-1.0, -1.0, -1.0, -1.0),  # -1.00: selected although negative
+        ("independent", 0.3): runs_at(-3.0, -2.0, -3.0, -2.0),  # -2.50
+    }
+    ranking = rules.stage2_ranking(FT, lnsr)
+    assert [(s, round(d, 2)) for s, d, _, _ in ranking["shared"]] == [(1e-4, 0.1), (1e-3, 0.5), (2e-3, -1.0)]
+    assert [(s, round(d, 2)) for s, d, _, _ in ranking["independent"]] == [(0.1, -1.0), (0.3, -2.5)]
+    lnsr[("shared", 1e-4)] = runs_at(0.0, 0.0, 0.0, -0.4)       # -0.10: 0.6 behind, out of the tie
+    assert rules.stage2_ranking(FT, lnsr)["shared"][0][0] == 1e-3
+
+
+def test_stage2_strengths_with_a_collapsed_run_or_a_missing_run_are_not_ranked():
+    lnsr = {
+        ("shared", 1e-4): runs_at(0.0, 0.0, 0.0, 0.0),
+        ("shared", 1e-3): runs_at(5.0, 5.0, 5.0, 5.0, collapsed={("RTE", 2)}),
+        ("shared", 2e-3): dict(list(runs_at(9.0, 9.0, 9.0, 9.0).items())[:3]),
+    }
+    ranking = rules.stage2_ranking(FT, lnsr)["shared"]
+    assert ranking[0][:2] == (1e-4, 0.0)
+    assert {s: why for s, _, why, _ in ranking[1:]} == {
+        1e-3: "a run collapsed", 2e-3: "not complete: a task or a seed missing"}
+
+
+def test_stage2_reads_the_reading_and_strength_from_the_method_options():
+    shared = {"method": "lnsr", "method_options": {"sigma": 0.001, "dropout": "shared", "weights": "1"}}
+    independent = {"method": "lnsr", "method_options": {"sigma": 0.0001, "dropout": "independent",
+                                                        "weights": "0.03", "reduction": "mean"}}
+    assert rules.reading_and_strength(shared) == ("shared", 0.001)
+    assert rules.reading_and_strength(independent) == ("independent", 0.03)
