@@ -178,9 +178,15 @@ def variant_labels(runs):
         keys = sorted({k for d in dicts.values() for k in d
                        if len({json.dumps(x.get(k)) for x in dicts.values()}) > 1})
         for v, d in dicts.items():
-            labels[(task, method, v)] = method + (" (" + ", ".join(f"{k}={d.get(k)}" for k in keys) + ")"
+            labels[(task, method, v)] = method + (" (" + ", ".join(f"{k}={shown(d.get(k))}" for k in keys) + ")"
                                                   if keys else "")
     return labels
+
+
+def shown(value):
+    """An option's value in a label: 6.0 and 6 (a --methods variant's epochs, the global flag's)
+    both as 6."""
+    return f"{value:g}" if isinstance(value, float) else value
 
 
 def summarize(runs, baseline="ft"):

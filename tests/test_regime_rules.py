@@ -82,3 +82,11 @@ def test_stage2_reads_the_reading_and_strength_from_the_method_options():
                                                         "weights": "0.03", "reduction": "mean"}}
     assert rules.reading_and_strength(shared) == ("shared", 0.001)
     assert rules.reading_and_strength(independent) == ("independent", 0.03)
+
+
+def test_the_stage1_table_in_the_report_is_what_the_rule_prints_from_the_committed_runs(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert rules.main(["stage1", "results/regime/stage1/adam", "results/regime/stage1/adamw"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ada")]
+    report = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8").splitlines()
+    assert len(printed) == 8 and all(line in report for line in printed)

@@ -226,7 +226,7 @@ def test_table_2_ablation_in_one_command(tmp_path, tiny_model, capsys):
     config = json.loads((tmp_path / "runs" / "RTE" / "ft-epochs2" / "seed1" / "config.json").read_text())
     assert config["settings"]["epochs"] == 2.0 and config["settings"]["method"] == "ft"
     runs, problems = evaluate.read_runs(tmp_path / "runs")
-    assert problems == [] and set(evaluate.summarize(runs)["RTE"]) == {"ft (epochs=1.0)", "ft (epochs=2.0)"}
+    assert problems == [] and set(evaluate.summarize(runs)["RTE"]) == {"ft (epochs=1)", "ft (epochs=2)"}
     assert run(tmp_path, "--methods", "ft,ft:epochs=2", "--seed", "1", model=tiny_model) == 0    # both skipped
     assert "2 of 2 runs already have results.json" in capsys.readouterr().err
     assert run(tmp_path, "--methods", "ft:epochs=0", "--seed", "1", model=tiny_model) == 2
