@@ -241,7 +241,7 @@ def test_summarize_keeps_fractions_apart_and_compares_like_with_like(tmp_path):
     runs, problems = evaluate.read_runs(tmp_path)
     assert problems == [] and len(runs) == 12
     table = evaluate.summarize(runs)["CoLA"]
-    assert set(table) == {"ft (train_fraction=1.0)", "lnsr (train_fraction=1.0)",
+    assert set(table) == {"ft (train_fraction=1)", "lnsr (train_fraction=1)",
                           "ft (train_fraction=0.15)", "lnsr (train_fraction=0.15)"}
     few = table["lnsr (train_fraction=0.15)"]
     assert few["mean"] == pytest.approx(100 * np.mean(SCORES[("lnsr", 0.15)]))
@@ -277,8 +277,8 @@ def test_box_plot_groups_and_png(tmp_path, monkeypatch, capsys):
     runs, _ = evaluate.read_runs(tmp_path)
     groups = evaluate.score_groups(runs)
     assert list(groups) == ["RTE", "CoLA"]                              # the paper's task order
-    assert list(groups["CoLA"]) == ["ft (train_fraction=0.15)", "ft (train_fraction=1.0)",
-                                    "lnsr (train_fraction=0.15)", "lnsr (train_fraction=1.0)"]
+    assert list(groups["CoLA"]) == ["ft (train_fraction=0.15)", "ft (train_fraction=1)",
+                                    "lnsr (train_fraction=0.15)", "lnsr (train_fraction=1)"]
     assert groups["CoLA"]["lnsr (train_fraction=0.15)"] == pytest.approx([50.0, 52.0, 47.0])
 
     out = tmp_path / "box.png"
