@@ -18,10 +18,10 @@ Each layer is post-LayerNorm, as in the original BERT:
 
 The attention formula is `SelfAttention.attend`, one `if` between the written-out product and
 torch's fused kernel. Speed tricks sit behind seams from bert/speed.py, out of the way of the
-math: `Dropout` / `dropout` (fast CPU masks) and `token_rows` (on a CPU, projections and
-the feed-forward block run on the real tokens alone, with a few padding rows that round their
-count up to a bucket, so a layer's output is 0 at padding, where Hugging Face computes values
-that every later step masks out). A fourth, `cls_only_last_layer`, lets the last layer compute
+math: `Dropout` and `softmax_dropout` (fast CPU masks; the attention's keeps no mask for the
+backward pass) and `token_rows` (on a CPU, projections and the feed-forward block run on the
+real tokens alone, with a few padding rows that round their count up to a bucket, so a layer's
+output is 0 at padding, where Hugging Face computes values that every later step masks out). A fourth, `cls_only_last_layer`, lets the last layer compute
 the [CLS] position alone. None changes a value that is read. A caller can have a layer's
 attention and LayerNorms computed as plain tensor operations (bert/speed.py::write_out, hooks
 from outside the model), for forward-mode differentiation (LNSR's jvp estimator).
@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bert.config import BertConfig
-from bert.speed import Dropout, LayerNorm, dropout, token_rows, written_out   # the seams, bert/speed.py
+from bert.speed import Dropout, LayerNorm, softmax_dropout, token_rows, written_out   # the seams, bert/speed.py
 from bert.weights import load_pretrained, save_pretrained
 
 ACTIVATIONS = {
@@ -117,8 +117,8 @@ class SelfAttention(nn.Module):
         if attn_mask is not None:        # -inf before the softmax: weight 0 on padding keys
             padding = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill_(~attn_mask, float("-inf"))
             scores.add_(padding)                                               # (B, 1, 1, T)
-        probs = scores.softmax(dim=-1)                                         # P: (B, h, Tq, T)
-        return dropout(probs, p, self.training) @ v                            # dropout(P) V
+        dropped_probs = softmax_dropout(scores, p, self.training)              # dropout(P): (B, h, Tq, T)
+        return dropped_probs @ v                                               # dropout(P) V
 
 
 class FeedForward(nn.Module):

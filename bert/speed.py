@@ -13,6 +13,7 @@ What each buys is measured in docs/SPEED.md ("What changed", under the names giv
   model.py's `SelfAttention.attend` writes the attention out in training on a CPU so that its
   probabilities go through these masks (elsewhere torch's scaled_dot_product_attention runs; on
   a CPU with dropout SDPA takes the same written-out path, with torch's slower masks).
+  `softmax_dropout` there keeps no mask for the backward pass ("Attention without its mask").
 - `LayerNorm`, `write_out`: the layers that LNSR's jvp estimator differentiates in forward mode
   (torch.func.jvp) compute attention and LayerNorm as plain tensor operations, in every pass.
   SDPA's fused kernels have no forward-mode rule, and their dropout masks cannot be replayed
@@ -78,6 +79,44 @@ def dropout(x, p: float, training: bool, real_rows: int | None = None):
     mask[:real_rows] = keep
     mask[:real_rows].mul_(scale)
     return x * mask
+
+
+def softmax_dropout(scores, p: float, training: bool):
+    """dropout(softmax(scores)) over the last dimension: the attention's dropped probabilities.
+
+    Plainly `dropout(scores.softmax(-1), p, training)`, which keeps three tensors of the
+    attention map's size for the backward pass: P (for the softmax's derivative), the mask (for
+    dropout's) and dropout(P) (for the product with V). On a CPU in training one autograd
+    Function computes the same values (the same masks, the same bits) and keeps P and dropout(P)
+    alone, a third less of the step's largest tensors, because the mask enters the backward pass
+    only through m * P = dropout(P):
+
+        g' = g * m                                     dropout's derivative
+        dS = P * (g' - rowsum(g' * P))                 the softmax's
+           = g * dropout(P) - P * rowsum(g * dropout(P))
+
+    Written out (`write_out`: forward-mode differentiation) the plain composition runs.
+    """
+    if not (training and 0.0 < p < 1.0 and scores.device.type == "cpu") or written_out():
+        return dropout(scores.softmax(dim=-1), p, training)
+    return _SoftmaxDropout.apply(scores, p)
+
+
+class _SoftmaxDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, p):
+        probs = scores.softmax(dim=-1)                                   # P
+        keep, scale = keep_mask(probs.shape, p, probs.device)
+        dropped = probs * keep.to(probs.dtype).mul_(scale)               # dropout(P), as `dropout`
+        ctx.save_for_backward(probs, dropped)
+        return dropped
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, dropped = ctx.saved_tensors
+        grad_times_dropped = grad * dropped                              # g * dropout(P)
+        row_sums = grad_times_dropped.sum(dim=-1, keepdim=True)
+        return grad_times_dropped.addcmul_(probs, row_sums, value=-1), None
 
 
 class Dropout(nn.Dropout):

@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from bert import model as bert_model
 from bert import speed
-from bert.speed import Dropout, LayerNorm, dropout, keep_mask, row_bucket, write_out, written_out
+from bert.speed import (Dropout, LayerNorm, dropout, keep_mask, row_bucket, softmax_dropout, write_out,
+                        written_out)
 import tiny
 
 # With p this small, round(p * 2^32) = 0: nothing is dropped and the scale is exactly 1, but the
@@ -70,6 +71,56 @@ def test_dropout_off_in_eval_and_at_p0_and_seeded():
     torch.manual_seed(3)
     assert torch.equal(a, Dropout(0.3).train()(x))
     assert not torch.equal(a, Dropout(0.3).train()(x))
+
+
+def attention_scores(dtype):
+    torch.manual_seed(6)
+    scores = torch.randn(2, 3, 7, 7, dtype=dtype) * 3
+    scores[1, :, :, 4:] = float("-inf")                                  # padding keys
+    return scores.requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_softmax_dropout_equals_dropout_of_the_softmax(dtype):
+    """The same values and masks (bits) and random stream; the gradient within rounding."""
+    runs = []
+    for fn in (lambda s: dropout(s.softmax(dim=-1), 0.3, True), lambda s: softmax_dropout(s, 0.3, True)):
+        scores = attention_scores(dtype)
+        torch.manual_seed(7)
+        dropped = fn(scores)
+        rng = torch.get_rng_state()
+        dropped.backward(torch.linspace(-2, 2, dropped.numel(), dtype=dtype).view_as(dropped))
+        runs.append((dropped, rng, scores.grad))
+    (plain, plain_rng, plain_grad), (fused, fused_rng, fused_grad) = runs
+    assert fused.grad_fn.name().endswith("_SoftmaxDropoutBackward")     # really the Function
+    assert torch.equal(fused, plain) and torch.equal(fused_rng, plain_rng)
+    assert (plain == 0).any() and torch.equal(fused_grad[1, :, :, 4:], torch.zeros_like(fused_grad[1, :, :, 4:]))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(fused_grad, plain_grad, atol=tolerance, rtol=0)
+
+
+def test_softmax_dropout_gradient_equals_finite_differences():
+    def with_fixed_masks(scores):
+        torch.manual_seed(8)
+        return softmax_dropout(scores, 0.3, True)
+    torch.autograd.gradcheck(with_fixed_masks, (attention_scores(torch.float64)[:1, :1],))
+
+
+def test_softmax_dropout_keeps_no_mask_for_the_backward_pass():
+    """Tensors of the attention map's size that autograd keeps for dropout(softmax(S)) V:
+    P, the mask and dropout(P) written out; P and dropout(P) through softmax_dropout."""
+    def kept(fn):
+        scores, v = attention_scores(torch.float32), torch.randn(2, 3, 7, 5, requires_grad=True)
+        storages = set()
+        def pack(t):
+            if t.numel() == scores.numel():
+                storages.add(t.untyped_storage().data_ptr())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(scores) @ v
+        return len(storages)
+    assert kept(lambda s: dropout(s.softmax(dim=-1), 0.3, True)) == 3
+    assert kept(lambda s: softmax_dropout(s, 0.3, True)) == 2
 
 
 @pytest.mark.parametrize("pad", [(0, 0, 0), (0, 3, 6)])
