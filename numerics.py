@@ -106,7 +106,7 @@ def keep_freed_memory():
     heap. Linux with glibc only; elsewhere, or if libc cannot be loaded, this does nothing.
 
     The price is memory: the heap keeps the holes between freed blocks too, and a run's resident
-    memory levels off about a third above what a step holds (an LNSR run on RTE: 3.66 GiB).
+    memory levels off about a third above what a step holds (an LNSR run on RTE: 3.19 GiB).
     It levels off because the blocks of one step fit the next: tensor sizes repeat from step to
     step (bert/speed.py rounds the real-token row counts, `row_bucket`) and a step frees what
     it made before the next one starts (`train.train_one`). With a new size at every step the heap
