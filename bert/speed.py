@@ -88,8 +88,9 @@ def softmax_dropout(scores, p: float, training: bool):
     attention map's size for the backward pass: P (for the softmax's derivative), the mask (for
     dropout's) and dropout(P) (for the product with V). On a CPU in training one autograd
     Function computes the same values (the same masks, the same bits) and keeps P and dropout(P)
-    alone, a third less of the step's largest tensors, because the mask enters the backward pass
-    only through m * P = dropout(P):
+    alone, a third less of the step's largest tensors, because the mask m (0 or 1/(1-p) per
+    element) enters the backward pass only through m * P = dropout(P). With g the gradient
+    that reaches dropout(P):
 
         g' = g * m                                     dropout's derivative
         dS = P * (g' - rowsum(g' * P))                 the softmax's
