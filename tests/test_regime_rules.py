@@ -90,3 +90,33 @@ def test_the_stage1_table_in_the_report_is_what_the_rule_prints_from_the_committ
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ada")]
     report = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8").splitlines()
     assert len(printed) == 8 and all(line in report for line in printed)
+
+
+def test_stage2_command_on_run_folders(tmp_path, capsys, monkeypatch):
+    """The command end to end: LNSR runs made from stage 1's chosen ft runs (their files, with
+    the method and a score changed), ranked against those ft runs; runs at another recipe refused."""
+    import json
+    import shutil
+    monkeypatch.chdir(ROOT)
+    chosen = [f"results/regime/stage1/adamw/{task}/ft-epochs6-lr5e-05" for task in ("RTE", "CoLA")]
+    for ft_dir in chosen:
+        for seed_dir in sorted(Path(ft_dir).glob("seed*")):
+            for sigma, shift in ((1e-4, -0.002), (1e-3, 0.01)):
+                run = tmp_path / "stage2" / f"shared-sigma{sigma:g}" / Path(ft_dir).parent.name / "lnsr" / seed_dir.name
+                shutil.copytree(seed_dir, run)
+                options = {"layer": 1, "sigma": sigma, "relative_sigma": None, "weights": "1",
+                           "reduction": "sum", "dropout": "shared"}
+                for name in ("config.json", "results.json"):
+                    d = json.loads((run / name).read_text())
+                    target = d["settings"] if name == "config.json" else d
+                    target.update(method="lnsr", method_options=options)
+                    if name == "results.json":
+                        d["held_out"][d["metric"]] += shift
+                    (run / name).write_text(json.dumps(d))
+    assert rules.main(["stage2", str(tmp_path / "stage2"), "--ft", *chosen]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| shared")]
+    assert rows[0].startswith("| shared | sigma 0.001 |") and rows[0].endswith("| 4 | +1.00 **selected** |")
+    assert rows[1].endswith("| 4 | -0.20 |")
+    other_recipe = ["results/regime/stage1/adamw/RTE/ft-epochs6-lr0.0001"]
+    assert rules.main(["stage2", str(tmp_path / "stage2"), "--ft", *other_recipe]) == 2
+    assert "not made at the recipe of the ft runs" in capsys.readouterr().err
