@@ -21,8 +21,9 @@ torch's fused kernel. Speed tricks sit behind seams from bert/speed.py, out of t
 math: `Dropout` and `softmax_dropout` (fast CPU masks; the attention's keeps no mask for the
 backward pass) and `token_rows` (on a CPU, projections and the feed-forward block run on the
 real tokens alone, with a few padding rows that round their count up to a bucket, so a layer's
-output is 0 at padding, where Hugging Face computes values that every later step masks out). A fourth, `cls_only_last_layer`, lets the last layer compute
-the [CLS] position alone. None changes a value that is read. A caller can have a layer's
+output is 0 at padding, where Hugging Face computes values that every later step masks out).
+A fourth, `cls_only_last_layer`, lets the last layer compute the [CLS] position alone. None
+changes a value that is read. A caller can have a layer's
 attention and LayerNorms computed as plain tensor operations (bert/speed.py::write_out, hooks
 from outside the model), for forward-mode differentiation (LNSR's jvp estimator).
 

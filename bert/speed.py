@@ -1,9 +1,11 @@
 """The CPU speed machinery of bert/model.py, behind small seams, and the written-out layers.
 
 model.py is written as BERT's math; where that math would be slow on a CPU, it calls one of the
-seams below, which computes the same values another way. None of them changes a result (one
-footnote: `row_bucket`, with several threads): the parity tests hold model.py equal to Hugging
-Face's BertModel, and tests/test_fast_paths.py holds each seam equal to the plain computation.
+seams below, which computes the same values another way. None of them changes a result beyond
+rounding: forward values are the plain computation's bit for bit, and the gradients that a seam
+sums in another order (`row_bucket`, `softmax_dropout`) differ in the last bits. The parity
+tests hold model.py equal to Hugging Face's BertModel, and tests/test_fast_paths.py holds each
+seam equal to the plain computation.
 What each buys is measured in docs/SPEED.md ("What changed", under the names given here):
 
 - `Dropout` / `dropout`: masks from random integers. torch's CPU dropout fills a float tensor
@@ -13,7 +15,8 @@ What each buys is measured in docs/SPEED.md ("What changed", under the names giv
   model.py's `SelfAttention.attend` writes the attention out in training on a CPU so that its
   probabilities go through these masks (elsewhere torch's scaled_dot_product_attention runs; on
   a CPU with dropout SDPA takes the same written-out path, with torch's slower masks).
-  `softmax_dropout` there keeps no mask for the backward pass ("Attention without its mask").
+  `softmax_dropout` there keeps no mask for the backward pass ("The attention's dropout keeps
+  no mask").
 - `LayerNorm`, `write_out`: the layers that LNSR's jvp estimator differentiates in forward mode
   (torch.func.jvp) compute attention and LayerNorm as plain tensor operations, in every pass.
   SDPA's fused kernels have no forward-mode rule, and their dropout masks cannot be replayed
