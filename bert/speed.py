@@ -99,9 +99,14 @@ def softmax_dropout(scores, p: float, training: bool):
         dS = P * (g' - rowsum(g' * P))                 the softmax's
            = g * dropout(P) - P * rowsum(g * dropout(P))
 
-    Written out (`write_out`: forward-mode differentiation) the plain composition runs.
+    Written out (`write_out`: forward-mode differentiation) the plain composition runs, and in
+    bf16 too: there the product g * dropout(P), rounded to bf16 before its row sum, made the
+    scores' gradient a little less accurate than torch's softmax backward, which multiplies in
+    fp32 (relative error 0.38% against 0.29%, both against a float64 reference). In fp32 the
+    two are equally accurate (1.30e-7 and 1.31e-7).
     """
-    if not (training and 0.0 < p < 1.0 and scores.device.type == "cpu") or written_out():
+    full_precision = scores.dtype in (torch.float32, torch.float64)
+    if not (training and 0.0 < p < 1.0 and scores.device.type == "cpu" and full_precision) or written_out():
         return dropout(scores.softmax(dim=-1), p, training)
     return _SoftmaxDropout.apply(scores, p)
 

@@ -99,6 +99,15 @@ def test_softmax_dropout_equals_dropout_of_the_softmax(dtype):
     torch.testing.assert_close(fused_grad, plain_grad, atol=tolerance, rtol=0)
 
 
+def test_softmax_dropout_in_bf16_is_the_plain_composition():
+    scores = attention_scores(torch.float32).detach().bfloat16().requires_grad_(True)
+    torch.manual_seed(7)
+    plain = dropout(scores.softmax(dim=-1), 0.3, True)
+    torch.manual_seed(7)
+    fused = softmax_dropout(scores, 0.3, True)
+    assert torch.equal(fused, plain) and fused.grad_fn.name() == plain.grad_fn.name()
+
+
 def test_softmax_dropout_gradient_equals_finite_differences():
     def with_fixed_masks(scores):
         torch.manual_seed(8)
