@@ -1,6 +1,10 @@
-"""docs/lnsr_regime_rules.py: the stage-1 rule of docs/LNSR_REGIME.md on hand-made tables."""
+"""docs/lnsr_regime_rules.py: the rules of docs/LNSR_REGIME.md's stages 1 and 2 on hand-made
+tables and run folders, the report's stage-1 table against the committed runs, and the protocol's
+runs themselves (held-out scores alone, made from the committed protocol)."""
 import importlib.util
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("lnsr_regime_rules", ROOT / "docs" / "lnsr_regime_rules.py")
@@ -120,3 +124,28 @@ def test_stage2_command_on_run_folders(tmp_path, capsys, monkeypatch):
     other_recipe = ["results/regime/stage1/adamw/RTE/ft-epochs6-lr0.0001"]
     assert rules.main(["stage2", str(tmp_path / "stage2"), "--ft", *other_recipe]) == 2
     assert "not made at the recipe of the ft runs" in capsys.readouterr().err
+
+
+def test_protocol_runs_score_held_out_alone_and_were_made_from_the_committed_protocol():
+    """Issue 27's third point: no stage-1 or stage-2 run has a dev score, every run was made from
+    one commit, and that commit holds docs/LNSR_REGIME.md, committed before the first run folder."""
+    import json
+    import subprocess
+    runs = sorted((ROOT / "results" / "regime").glob("stage[12]/**/results.json"))
+    assert len(runs) >= 32
+    commits = set()
+    for results in runs:
+        r = json.loads(results.read_text(encoding="utf-8"))
+        assert r["scored"] == "held_out" and "held_out" in r, results
+        assert not {"dev", "dev_predictions"} & set(r), results
+        config = json.loads((results.parent / "config.json").read_text(encoding="utf-8"))
+        commits.add(config["versions"]["git_commit"])
+    assert len(commits) == 1
+    protocol_commit = commits.pop()
+    git = lambda *args: subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    if git("rev-parse", "--is-shallow-repository").stdout.strip() != "false":
+        pytest.skip("needs the repository's history (a full clone)")
+    assert git("cat-file", "-e", f"{protocol_commit}:docs/LNSR_REGIME.md").returncode == 0
+    first_run = git("log", "--diff-filter=A", "--format=%H", "--", "results/regime").stdout.split()[-1]
+    assert git("merge-base", "--is-ancestor", protocol_commit, first_run).returncode == 0
+    assert protocol_commit != first_run
