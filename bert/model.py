@@ -23,9 +23,9 @@ backward pass) and `token_rows` (on a CPU, projections and the feed-forward bloc
 real tokens alone, with a few padding rows that round their count up to a bucket, so a layer's
 output is 0 at padding, where Hugging Face computes values that every later step masks out).
 A fourth, `cls_only_last_layer`, lets the last layer compute the [CLS] position alone. None
-changes a value that is read. A caller can have a layer's
-attention and LayerNorms computed as plain tensor operations (bert/speed.py::write_out, hooks
-from outside the model), for forward-mode differentiation (LNSR's jvp estimator).
+changes a value that is read. A caller can have a layer's attention and LayerNorms computed as
+plain tensor operations (bert/speed.py::write_out, hooks from outside the model), for
+forward-mode differentiation (LNSR's jvp estimator).
 
 Weight names differ from Hugging Face's where a shorter name reads better; bert/weights.py maps
 between the two explicitly.

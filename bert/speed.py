@@ -115,8 +115,7 @@ class _SoftmaxDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, p):
         probs = scores.softmax(dim=-1)                                   # P
-        keep, scale = keep_mask(probs.shape, p, probs.device)
-        dropped = probs * keep.to(probs.dtype).mul_(scale)               # dropout(P), as `dropout`
+        dropped = dropout(probs, p, training=True)                       # dropout(P): no graph here
         ctx.save_for_backward(probs, dropped)
         return dropped
 

@@ -114,9 +114,10 @@ def stage2_ranking(ft: dict, lnsr: dict) -> dict:
     return ranking
 
 
-def recipe_of(run: dict) -> tuple:
-    s = json.loads(run["_settings"])
-    return s.get("optimizer"), float(s["lr"]), float(s["epochs"])
+def task_mean(scores: dict, task: str) -> str:
+    """The mean of {(task, seed): score} over one task's seeds, as the table shows it."""
+    values = [score for (t, _), score in scores.items() if t == task]
+    return f"{sum(values) / len(values):.2f}" if values else "-"
 
 
 def stage2(dirs, ft_dirs) -> int:
@@ -124,11 +125,11 @@ def stage2(dirs, ft_dirs) -> int:
     runs, more = evaluate.read_runs(*map(Path, dirs))
     for problem in problems + more:
         print(f"skipped: {problem}", file=sys.stderr)
-    recipes = {recipe_of(r) for r in ft_runs}
+    recipes = {cell_of(r["_dir"]) for r in ft_runs}
     if any(r["method"] != "ft" for r in ft_runs) or len(recipes) != 1:
         print("error: --ft must hold the ft runs of one recipe (stage 1's chosen cell)", file=sys.stderr)
         return 2
-    other = [r["_dir"] for r in runs if recipe_of(r) not in recipes]
+    other = [r["_dir"] for r in runs if cell_of(r["_dir"]) not in recipes]
     if other:
         print(f"error: {other[0]}: not made at the recipe of the ft runs {recipes.pop()}", file=sys.stderr)
         return 2
@@ -140,16 +141,11 @@ def stage2(dirs, ft_dirs) -> int:
     print("| reading | strength | " + " | ".join(f"{t} held-out" for t in tasks) +
           " | runs | mean difference against ft |")
     print("|---|---:|" + "---:|" * len(tasks) + "---:|---:|")
-    print("| ft (stage 1) | - | " + " | ".join(
-        f"{sum(v for (task, _), v in ft.items() if task == t) / sum(task == t for task, _ in ft):.2f}" for t in tasks)
-        + f" | {len(ft)} | - |")
+    print("| ft (stage 1) | - | " + " | ".join(task_mean(ft, t) for t in tasks) + f" | {len(ft)} | - |")
     for reading, entries in sorted(stage2_ranking(ft, lnsr).items(), key=lambda kv: kv[0] != "shared"):
         for i, (strength, diff, why, n) in enumerate(entries):
-            runs_here = lnsr[(reading, strength)]
-            cols = []
-            for t in tasks:
-                vals = [score for (task, _), (score, _) in runs_here.items() if task == t]
-                cols.append(f"{sum(vals) / len(vals):.2f}" if vals else "-")
+            scores = {key: score for key, (score, _) in lnsr[(reading, strength)].items()}
+            cols = [task_mean(scores, t) for t in tasks]
             name = "sigma" if reading == "shared" else "lambda"
             mark = " **selected**" if i == 0 and diff is not None else ""
             shown = f"{diff:+.2f}{mark}" if diff is not None else why
