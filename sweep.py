@@ -22,7 +22,8 @@ import torch
 import checkpoint
 import glue
 from cli import check_args, default_model, method_options, parse_methods, replace_flag, run_settings, variant_name
-from numerics import apply_recipe, keep_freed_memory, make_deterministic, native_bf16, numeric_recipe, pick_device
+from numerics import (apply_recipe, keep_freed_memory, make_deterministic, native_bf16, numeric_recipe, pick_device,
+                      restart_without_small_block_caches)
 from progress import GridClock, StatusLine, format_seconds
 from bert.errors import InputError
 from run_records import (RunFailed, one_answer, parse_seeds, scored_set, seed_folder, settings_differences,
@@ -267,9 +268,11 @@ def planned_steps(args, n_train_full: int) -> int:
     return max(1, math.ceil(math.ceil(n / args.batch_size) * args.epochs))
 
 
-def run_command(args, argv, stop, train_one) -> int:
+def run_command(args, argv, stop, train_one, restart=False) -> int:
     """train.main() with the signal handlers in place: every run of the command, each trained by
-    `train_one` (train.py). Returns the exit status."""
+    `train_one` (train.py). Returns the exit status. With `restart` (a command started as
+    `python train.py`), a CPU command starts again once its flags are checked, with glibc's
+    caches of small blocks off (numerics.restart_without_small_block_caches)."""
     status = StatusLine()
     try:
         check_args(args)
@@ -282,12 +285,8 @@ def run_command(args, argv, stop, train_one) -> int:
         if args.data_parallel and args.dropout_stream != "step":
             raise InputError("--data-parallel needs --dropout-stream step (each rank seeds its own "
                              "dropout at every step)")
-        ranks = DataParallel(device) if args.data_parallel and not args.dry_run else SingleProcess()
-        # A dry run starts no process group; it still checks finished runs against the world size.
-        args.data_parallel_ranks = (int(os.environ.get("WORLD_SIZE", 1)) if args.data_parallel and args.dry_run
-                                    else ranks.world)
-        if not ranks.is_main:
-            status = StatusLine(quiet=True)           # rank 0 speaks for the run
+        # The world size each run records: torchrun's, which the process group below will have.
+        args.data_parallel_ranks = int(os.environ.get("WORLD_SIZE", 1)) if args.data_parallel else 1
         model_note = None
         if args.model is None:
             args.model, model_note = default_model(device)
@@ -302,6 +301,12 @@ def run_command(args, argv, stop, train_one) -> int:
             check_args(method_args)
             methods.append((m, variant_name(m, own_settings), method_args))
         seeds = parse_seeds(args.seeds) if args.seeds else [args.seed if args.seed is not None else 1]
+        if restart and not args.dry_run and device.type == "cpu":   # before any output or process group
+            restart_without_small_block_caches()
+        # A dry run starts no process group; it still checks finished runs against the world size.
+        ranks = DataParallel(device) if args.data_parallel and not args.dry_run else SingleProcess()
+        if not ranks.is_main:
+            status = StatusLine(quiet=True)           # rank 0 speaks for the run
         if model_note:                            # said once every flag has been checked
             status.say(model_note)
         if args.threads:

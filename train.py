@@ -18,6 +18,7 @@ log.jsonl and results.json (see README.md).
 """
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -100,7 +101,8 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     saved = checkpoint.read(run_dir, settings)           # every rank reads; None for a new run
     files = RunFiles(run_dir, writes=ranks.is_main)
     config = {"settings": settings, "data_dir": args.data_dir, "device": str(device),
-              "threads": torch.get_num_threads(), "versions": versions()}
+              "threads": torch.get_num_threads(), "versions": versions(),
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}   # numerics.restart_without_small_block_caches
     if saved:
         config["resumed_at_steps"] = saved["loop"]["resumed_at_steps"] + [saved["step"]]
     files.start(config, records=saved["log"] if saved else ())
@@ -307,13 +309,14 @@ def first_step_problem(model, batch, loss, penalty, method_name, options) -> str
 def main(argv=None):
     """The command: parse the flags, then run every (method, seed) with `train_one` (sweep.py).
     SIGINT and SIGTERM make the run in progress save a checkpoint and stop (checkpoint.py)."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = cli.build_parser(TrainConfig()).parse_args(argv)
     stop = checkpoint.StopRequest()
     if not args.dry_run:
         stop.install()
     try:
-        return sweep.run_command(args, argv, stop, train_one)
+        return sweep.run_command(args, argv, stop, train_one, restart=from_command_line)
     finally:
         stop.uninstall()
 
