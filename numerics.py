@@ -108,8 +108,8 @@ def restart_without_small_block_caches():
     step's small objects (torch's and autograd's own) land right beside the large blocks, and
     each keeps two large freed blocks from merging into the space the next step needs: about
     0.8 GiB of holes in a full LNSR run on RTE (docs/SPEED.md, "Memory on a CPU"). With the caches
-    off, freed pieces merge back at once: that run peaks at 2.77 GiB instead of 3.19, and takes
-    less time (fewer page faults). No computed value changes: only where blocks are placed.
+    off, freed pieces merge back at once: that run peaks at 2.76 GiB instead of 3.19, in the same
+    time. No computed value changes: only where blocks are placed.
 
     On Linux with glibc and a CPU, for a command started as `python train.py ...` (train.main
     without argv), before it prints or starts anything. A GLIBC_TUNABLES of the user's own, even
@@ -143,7 +143,7 @@ def keep_freed_memory():
     heap. Linux with glibc only; elsewhere, or if libc cannot be loaded, this does nothing.
 
     The price is memory: the heap keeps the holes between freed blocks too, and a run's resident
-    memory levels off above what a step holds (an LNSR run on RTE: 3.19 GiB, 2.77 GiB with
+    memory levels off above what a step holds (an LNSR run on RTE: 3.19 GiB, 2.76 GiB with
     `restart_without_small_block_caches`, about 2.4 GiB live).
     It levels off because the blocks of one step fit the next: tensor sizes repeat from step to
     step (bert/speed.py rounds the real-token row counts, `row_bucket`) and a step frees what
