@@ -98,6 +98,23 @@ def apply_recipe(recipe: NumericRecipe):
 MALLOC_TUNABLES = "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
 
 
+def started_as_script(script: str) -> bool:
+    """True when this process is `python [interpreter options] SCRIPT ...`: no -m, -c or stdin,
+    no debugger, profiler or other program in front (whose own start a restart would repeat)."""
+    orig_argv = getattr(sys, "orig_argv", None)          # Python 3.10+
+    if not orig_argv or not sys.argv or not os.path.isfile(sys.argv[0]):
+        return False
+    if not os.path.samefile(sys.argv[0], script) or orig_argv[-len(sys.argv):] != sys.argv:
+        return False
+    options = orig_argv[1:-len(sys.argv)]
+    for before, option in zip([None] + options, options):
+        if before in ("-X", "-W"):                       # the value of the option before
+            continue
+        if not option.startswith("-") or option == "-" or option.startswith(("-m", "-c")):
+            return False
+    return True
+
+
 def restart_without_small_block_caches():
     """Start this command again, in this process, with glibc's caches of small freed blocks off
     (MALLOC_TUNABLES in GLIBC_TUNABLES, which glibc reads only when a process starts).
@@ -111,10 +128,11 @@ def restart_without_small_block_caches():
     off, freed pieces merge back at once: that run peaks at 2.76 GiB instead of 3.19, in the same
     time. No computed value changes: only where blocks are placed.
 
-    On Linux with glibc and a CPU, for a command started as `python train.py ...` (train.main
-    without argv), before it prints or starts anything. A GLIBC_TUNABLES of the user's own, even
-    an empty one, is kept: then, as elsewhere, this does nothing. The restart costs the imports
-    again, about 1.3 s. Does not return when it restarts.
+    The caller (sweep.run_command) restarts a CPU training command started as
+    `python train.py ...` (`started_as_script`), once its flags are checked and before it prints
+    or starts anything. A GLIBC_TUNABLES of the user's own, even an empty one, is kept: then, as
+    on systems without glibc, this does nothing. The restart costs the imports again, about
+    1.3 s; the processes the run starts inherit the setting. Does not return when it restarts.
     """
     if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ:
         return
@@ -127,7 +145,7 @@ def restart_without_small_block_caches():
     sys.stderr.flush()
     try:
         os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES})
-    except OSError:                   # the interpreter cannot be started again: go on as we are
+    except (OSError, ValueError):     # the interpreter cannot be started again: go on as we are
         pass
 
 

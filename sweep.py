@@ -270,9 +270,9 @@ def planned_steps(args, n_train_full: int) -> int:
 
 def run_command(args, argv, stop, train_one, restart=False) -> int:
     """train.main() with the signal handlers in place: every run of the command, each trained by
-    `train_one` (train.py). Returns the exit status. With `restart` (a command started as
-    `python train.py`), a CPU command starts again once its flags are checked, with glibc's
-    caches of small blocks off (numerics.restart_without_small_block_caches)."""
+    `train_one` (train.py). Returns the exit status. With `restart` (train.py started as a
+    script, numerics.started_as_script), a CPU command starts again once its flags are checked,
+    with glibc's caches of small blocks off (numerics.restart_without_small_block_caches)."""
     status = StatusLine()
     try:
         check_args(args)
@@ -302,7 +302,9 @@ def run_command(args, argv, stop, train_one, restart=False) -> int:
             methods.append((m, variant_name(m, own_settings), method_args))
         seeds = parse_seeds(args.seeds) if args.seeds else [args.seed if args.seed is not None else 1]
         if restart and not args.dry_run and device.type == "cpu":   # before any output or process group
+            stop.uninstall()               # the new process installs its own; none is lost in exec
             restart_without_small_block_caches()
+            stop.install()                 # still this process: no restart was made
         # A dry run starts no process group; it still checks finished runs against the world size.
         ranks = DataParallel(device) if args.data_parallel and not args.dry_run else SingleProcess()
         if not ranks.is_main:

@@ -33,7 +33,7 @@ import glue
 import optim
 import sweep
 from cli import method_options, run_settings
-from numerics import autocast
+from numerics import autocast, started_as_script
 from run_records import RunFailed, RunFiles, versions
 from scoring import CURVE_TRAIN_SAMPLE, MODEL_INPUTS, curve_point, predict, prediction_spread, task_loss, to_device
 from workers import SingleProcess
@@ -102,7 +102,8 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     files = RunFiles(run_dir, writes=ranks.is_main)
     config = {"settings": settings, "data_dir": args.data_dir, "device": str(device),
               "threads": torch.get_num_threads(), "versions": versions(),
-              "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}   # numerics.restart_without_small_block_caches
+              # as in the environment: what glibc read at the start, unless the process changed it
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     if saved:
         config["resumed_at_steps"] = saved["loop"]["resumed_at_steps"] + [saved["step"]]
     files.start(config, records=saved["log"] if saved else ())
@@ -309,7 +310,7 @@ def first_step_problem(model, batch, loss, penalty, method_name, options) -> str
 def main(argv=None):
     """The command: parse the flags, then run every (method, seed) with `train_one` (sweep.py).
     SIGINT and SIGTERM make the run in progress save a checkpoint and stop (checkpoint.py)."""
-    from_command_line = argv is None
+    from_command_line = argv is None and started_as_script(__file__)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = cli.build_parser(TrainConfig()).parse_args(argv)
     stop = checkpoint.StopRequest()

