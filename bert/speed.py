@@ -241,8 +241,19 @@ class RealTokens:
         self.real_rows = N = len(self.real)
         extra = min(row_bucket(N), self.B * self.T) - N
         self.index = torch.cat([self.real, (~real).nonzero().squeeze(1)[:extra]]) if extra else self.real
+        self.last_grid = None            # (grid, its version, the rows it was made from): see rows
 
     def rows(self, x):                   # (B, T, H) -> (R, H)
+        # A layer's output grid comes back as the next layer's input: then its rows are the rows
+        # `grid` made it from, with no copy here and no scatter in the backward pass. The real
+        # rows are the same values; the bucket's extra rows hold the previous layer's results
+        # at those padding positions instead of 0, which no real token reads and whose
+        # gradients are 0. A hook that replaced the grid (LNSR's noise, SMART's perturbation)
+        # or changed it in place (its version moved) gets its own rows gathered.
+        if self.last_grid is not None:
+            grid, version, rows = self.last_grid
+            if x is grid and x._version == version:
+                return rows
         # index_select, not x[index]: the same rows, but a plain row copy instead of advanced
         # indexing's general path, several times faster on a CPU (docs/SPEED.md, "Rows
         # gathered with `index_select`").
@@ -250,8 +261,10 @@ class RealTokens:
 
     def grid(self, rows):                # (R, H) -> (B, T, H): the real rows in place, 0 at padding
         H = rows.shape[-1]
-        return (rows.new_zeros(self.B * self.T, H).index_copy_(0, self.real, rows[:self.real_rows])
+        grid = (rows.new_zeros(self.B * self.T, H).index_copy_(0, self.real, rows[:self.real_rows])
                 .view(self.B, self.T, H))
+        self.last_grid = (grid, grid._version, rows)
+        return grid
 
 
 def token_rows(attn_mask, device):

@@ -8,6 +8,8 @@
   parameter's gradient equal those of the full computation (float64, 1e-10).
 * Row buckets (`row_bucket`, `RealTokens`): the extra padding rows change no bit of any value,
   gradient or dropout mask, nor the random stream (float32, training mode, LNSR's second pass).
+* Rows passed from layer to layer (`RealTokens.rows` of a grid it made): no bit of any value or
+  gradient changes, and a hook that replaces or edits a layer's output is seen.
 * `write_out`: a layer's attention and LayerNorms as plain tensor operations (for LNSR's jvp
   estimator) give the same hidden states and gradients as torch's fused kernels, with the same
   dropout masks in training.
@@ -271,6 +273,70 @@ def test_bucketed_rows_change_no_bit_of_any_value_or_gradient(monkeypatch):
         assert torch.equal(bits(grad), bits(bucketed_grads[name])), name
     layer_outputs = bucketed[3:-1]                                        # x^2 .. x^{L+1}
     assert all(torch.count_nonzero(x[2, 9:]) == 0 for x in layer_outputs)   # 0 at padding
+
+
+def rows_step(monkeypatch, reuse_rows, noise=None):
+    """An LNSR-like step (clean pass, noisy pass from layer 1) on the tiny padded batch: the
+    hidden states, the loss and every gradient; reuse_rows=False gathers every layer's rows
+    from its input grid. noise: a forward hook's addition to layer 1's output."""
+    monkeypatch.setattr(speed, "row_bucket", lambda n: -(-n // 32) * 32)    # 21 -> 32: 11 extra rows
+    if not reuse_rows:
+        monkeypatch.setattr(speed.RealTokens, "grid", lambda self, rows: uncached_grid(self, rows))
+    torch.manual_seed(0)
+    model = tiny.tiny_model(num_layers=3)
+    model.train()
+    if noise is not None:
+        model.bert.layers[0].register_forward_hook(lambda m, inputs, out: out + noise)
+    batch = tiny.tiny_batch(T=10, pad=(0, 3, 6))
+    torch.manual_seed(1)
+    out = tiny.forward(model, batch)
+    noisy = model.bert.run_layers(out.hidden_states[0] + 0.01, out.attn_mask, 1)
+    loss = out.logits.square().sum() + sum((n - c).square().sum() for n, c in zip(noisy, out.hidden_states[1:]))
+    loss.backward()
+    monkeypatch.undo()
+    return [loss.detach(), *out.hidden_states, *noisy] + [p.grad for p in model.parameters()]
+
+
+def uncached_grid(tokens, rows):
+    H = rows.shape[-1]
+    return (rows.new_zeros(tokens.B * tokens.T, H).index_copy_(0, tokens.real, rows[:tokens.real_rows])
+            .view(tokens.B, tokens.T, H))
+
+
+@pytest.mark.parametrize("noise", [None, 0.5])
+def test_rows_passed_from_layer_to_layer_change_no_bit(monkeypatch, noise):
+    """A layer's output rows go to the next layer as they are (no gather): every hidden state,
+    the loss and every gradient bit for bit those of gathering the rows from each grid, also
+    with a forward hook that replaces a layer's output. The row bucket's extra rows, which hold
+    padding positions' values instead of 0 when reused, are there."""
+    bits = lambda t: t.detach().reshape(-1).view(torch.int32)
+    reused = rows_step(monkeypatch, True, noise)
+    gathered = rows_step(monkeypatch, False, noise)
+    assert len(reused) == len(gathered)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(reused, gathered))
+
+
+def test_rows_are_reused_only_for_the_grid_made_from_them():
+    """The next layer's query reads the previous layer's LayerNorm output itself, unless a hook
+    replaced the layer's output or changed it in place: then the rows are gathered again and
+    carry the change."""
+    def first_rows_of_layer_2(change):
+        torch.manual_seed(0)
+        model = tiny.tiny_model(num_layers=2)
+        model.eval()
+        seen = {}
+        model.bert.layers[0].ffn_norm.register_forward_hook(lambda m, i, out: seen.__setitem__("made", out))
+        model.bert.layers[1].attention.query.register_forward_pre_hook(lambda m, args: seen.__setitem__("read", args[0]))
+        if change is not None:
+            model.bert.layers[0].register_forward_hook(change)
+        tiny.forward(model, tiny.tiny_batch(T=10, pad=(0, 3, 6)))
+        return seen["made"], seen["read"]
+    made, read = first_rows_of_layer_2(None)
+    assert read is made
+    made, read = first_rows_of_layer_2(lambda m, i, out: out + 1.0)
+    assert read is not made and torch.equal(read[:21], made[:21] + 1.0)
+    made, read = first_rows_of_layer_2(lambda m, i, out: out.add_(1.0))
+    assert read is not made and torch.equal(read[:21], made[:21] + 1.0)
 
 
 def test_written_out_layer_norm_equals_torch_s():
