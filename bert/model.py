@@ -19,10 +19,11 @@ Each layer is post-LayerNorm, as in the original BERT:
 The attention formula is `SelfAttention.attend`, one `if` between the written-out product and
 torch's fused kernel. Speed tricks sit behind seams from bert/speed.py, out of the way of the
 math: `Dropout` and `softmax_dropout` (fast CPU masks; the attention's keeps no mask for the
-backward pass) and `token_rows` (on a CPU, projections and the feed-forward block run on the
+backward pass), `gelu_linear` (the feed-forward block keeps W_1 a alone for the backward pass
+and computes its GELU again there) and `token_rows` (on a CPU, projections and the feed-forward block run on the
 real tokens alone, with a few padding rows that round their count up to a bucket, so a layer's
 output is 0 at padding, where Hugging Face computes values that every later step masks out).
-A fourth, `cls_only_last_layer`, lets the last layer compute the [CLS] position alone. None
+One more, `cls_only_last_layer`, lets the last layer compute the [CLS] position alone. None
 changes a value that is read. A caller can have a layer's attention and LayerNorms computed as
 plain tensor operations (bert/speed.py::write_out, hooks from outside the model), for
 forward-mode differentiation (LNSR's jvp estimator).
@@ -37,15 +38,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bert.config import BertConfig
-from bert.speed import Dropout, LayerNorm, softmax_dropout, token_rows, written_out   # the seams, bert/speed.py
+from bert.speed import Dropout, LayerNorm, gelu_linear, softmax_dropout, token_rows, written_out   # the seams, bert/speed.py
 from bert.weights import load_pretrained, save_pretrained
 
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),                       # exact, erf-based: BERT's own
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+GELUS = {"gelu": "none",                 # exact, erf-based: BERT's own
+         "gelu_new": "tanh",               # F.gelu's `approximate` for each GELU of config.hidden_act
+         "gelu_pytorch_tanh": "tanh"}
 
 
 class Embeddings(nn.Module):
@@ -127,10 +125,13 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(config.hidden_size, config.intermediate_size)      # W_1: H -> 4H
         self.down = nn.Linear(config.intermediate_size, config.hidden_size)    # W_2: 4H -> H
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.gelu = GELUS.get(config.hidden_act)                               # None: ReLU
 
     def forward(self, x):                                       # (..., H) -> (..., 4H) -> (..., H)
-        return self.down(self.act(self.up(x)))
+        hidden = self.up(x)                                                    # W_1 x: (..., 4H)
+        if self.gelu is None:
+            return self.down(F.relu(hidden))
+        return gelu_linear(hidden, self.down, self.gelu)        # W_2 GELU(W_1 x), bert/speed.py
 
 
 class Layer(nn.Module):

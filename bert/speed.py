@@ -17,6 +17,8 @@ What each buys is measured in docs/SPEED.md ("What changed", under the names giv
   a CPU with dropout SDPA takes the same written-out path, with torch's slower masks).
   `softmax_dropout` there keeps no mask for the backward pass ("The attention's dropout keeps
   no mask").
+- `gelu_linear`: the feed-forward block's W_2 GELU(h) keeps h alone for the backward pass and
+  computes GELU(h) again there, the same bits ("GELU computed again").
 - `LayerNorm`, `write_out`: the layers that LNSR's jvp estimator differentiates in forward mode
   (torch.func.jvp) compute attention and LayerNorm as plain tensor operations, in every pass.
   SDPA's fused kernels have no forward-mode rule, and their dropout masks cannot be replayed
@@ -32,7 +34,7 @@ What each buys is measured in docs/SPEED.md ("What changed", under the names giv
   GPU the padded rows are computed: finding the real rows (`nonzero`) would make the host wait
   for the device at every pass.
 
-The fourth shortcut, the [CLS]-only last layer, is in model.py itself (`cls_only_last_layer`,
+One more shortcut, the [CLS]-only last layer, is in model.py itself (`cls_only_last_layer`,
 one `if` in `Layer.forward`): about 5/6 of one layer's work when only the logits are read.
 """
 import math
@@ -125,6 +127,59 @@ class _SoftmaxDropout(torch.autograd.Function):
         grad_times_dropped = grad * dropped                              # g * dropout(P)
         row_sums = grad_times_dropped.sum(dim=-1, keepdim=True)
         return grad_times_dropped.addcmul_(probs, row_sums, value=-1), None
+
+
+def gelu_linear(hidden, linear: nn.Linear, approximate: str):
+    """linear(GELU(hidden)): the feed-forward block's W_2 GELU(W_1 a), given hidden = W_1 a.
+
+    Plainly `linear(F.gelu(hidden))`, which keeps two tensors of the block's (N, 4H) size for the
+    backward pass: hidden, for GELU's derivative, and GELU(hidden), for W_2's gradient. On a CPU
+    in fp32 training one autograd Function computes the same values and keeps hidden alone; its
+    backward pass computes GELU(hidden) again (the same call, the same bits) for
+
+        dW_2 = g^T GELU(hidden)          db_2 = sum of g over the rows
+        d hidden = GELU'(hidden) * (g W_2)
+
+    each with the operation autograd's own rules use, so every gradient is the plain
+    composition's bit for bit (tests/test_fast_paths.py). The recomputation is one GELU over the
+    block's (N, 4H) values per layer and pass, about 1% of a MiniLM step; the tensor it spares is
+    the step's largest after the attention maps ("GELU computed again", docs/SPEED.md).
+
+    The plain composition runs where the Function would not fit: written out (forward-mode
+    differentiation), under autocast or in other precisions, on a GPU, with no gradient to
+    keep, and when `linear` is not a plain nn.Linear or has hooks of its own (Mixout replaces
+    it; an analysis may watch it).
+    """
+    plain = (written_out() or not torch.is_grad_enabled() or hidden.device.type != "cpu"
+             or hidden.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+             or type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks
+             or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    if plain:
+        return linear(F.gelu(hidden, approximate=approximate))
+    return _GeluLinear.apply(hidden, linear.weight, linear.bias, approximate)
+
+
+class _GeluLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, approximate):
+        ctx.approximate = approximate
+        ctx.save_for_backward(hidden, weight)                           # not GELU(hidden)
+        return F.linear(F.gelu(hidden, approximate=approximate), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])                     # (N, H): F.linear's own flattening
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            activated = F.gelu(hidden, approximate=ctx.approximate)      # computed again: same bits
+            grad_weight = grad_rows.t().mm(activated.reshape(-1, activated.shape[-1]))   # (H, 4H)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0)                                 # (H,)
+        if ctx.needs_input_grad[0]:
+            grad_activated = grad_rows.mm(weight).view(hidden.shape)     # (..., 4H)
+            grad_hidden = torch.ops.aten.gelu_backward(grad_activated, hidden, approximate=ctx.approximate)
+        return grad_hidden, grad_weight, grad_bias, None
 
 
 class Dropout(nn.Dropout):

@@ -8,6 +8,8 @@
   parameter's gradient equal those of the full computation (float64, 1e-10).
 * Row buckets (`row_bucket`, `RealTokens`): the extra padding rows change no bit of any value,
   gradient or dropout mask, nor the random stream (float32, training mode, LNSR's second pass).
+* `gelu_linear`: W_2 GELU(h) keeping h alone for the backward pass gives the plain composition's
+  values and gradients bit for bit, and keeps one (N, 4H) tensor instead of two.
 * Rows passed from layer to layer (`RealTokens.rows` of a grid it made): no bit of any value or
   gradient changes, and a hook that replaces or edits a layer's output is seen.
 * `write_out`: a layer's attention and LayerNorms as plain tensor operations (for LNSR's jvp
@@ -22,8 +24,8 @@ import torch.nn as nn
 
 from bert import model as bert_model
 from bert import speed
-from bert.speed import (Dropout, LayerNorm, dropout, keep_mask, row_bucket, softmax_dropout, write_out,
-                        written_out)
+from bert.speed import (Dropout, LayerNorm, dropout, gelu_linear, keep_mask, row_bucket, softmax_dropout,
+                        write_out, written_out)
 import tiny
 
 # With p this small, round(p * 2^32) = 0: nothing is dropped and the scale is exactly 1, but the
@@ -132,6 +134,104 @@ def test_softmax_dropout_keeps_no_mask_for_the_backward_pass():
         return len(storages)
     assert kept(lambda s: dropout(s.softmax(dim=-1), 0.3, True)) == 3
     assert kept(lambda s: softmax_dropout(s, 0.3, True)) == 2
+
+
+def feed_forward_step(fn, shape, approximate, seed=3):
+    """fn(hidden, linear) on fixed random inputs, its backward pass: output and gradients."""
+    torch.manual_seed(seed)
+    hidden = (torch.randn(shape) * 2).requires_grad_(True)              # GELU's curved part and tails
+    linear = nn.Linear(shape[-1], 6)
+    out = fn(hidden, linear, approximate)
+    out.backward(torch.randn(out.shape))
+    return out, out.grad_fn.name(), [hidden.grad, linear.weight.grad, linear.bias.grad]
+
+
+plain_gelu_linear = lambda hidden, linear, approximate: linear(nn.functional.gelu(hidden, approximate=approximate))
+
+
+@pytest.mark.parametrize("shape", [(37, 24), (3, 11, 24)])             # token rows; (B, T, 4H)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_linear_equals_the_plain_composition_bit_for_bit(shape, approximate):
+    plain, plain_fn, plain_grads = feed_forward_step(plain_gelu_linear, shape, approximate)
+    fused, fused_fn, fused_grads = feed_forward_step(gelu_linear, shape, approximate)
+    assert fused_fn == "_GeluLinearBackward" and plain_fn != fused_fn          # really the Function
+    bits = lambda t: t.reshape(-1).view(torch.int32)
+    assert torch.equal(bits(fused), bits(plain))
+    for a, b in zip(plain_grads, fused_grads):
+        assert a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def test_gelu_linear_gradient_equals_finite_differences():
+    """float64 runs the plain composition, so the Function itself is checked here directly."""
+    hidden = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for approximate in ("none", "tanh"):
+        torch.autograd.gradcheck(lambda h, w, b: speed._GeluLinear.apply(h, w, b, approximate),
+                                 (hidden, weight, bias))
+
+
+def test_gelu_linear_keeps_one_tensor_of_the_block_s_size():
+    """Tensors of (N, 4H) size that autograd keeps: h and GELU(h) written out, h alone fused."""
+    def kept(fn):
+        hidden, linear = torch.randn(37, 24, requires_grad=True), nn.Linear(24, 6)
+        storages = set()
+        def pack(t):
+            if t.numel() == hidden.numel():
+                storages.add(t.untyped_storage().data_ptr())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(hidden, linear, "none")
+        return len(storages)
+    assert kept(plain_gelu_linear) == 2
+    assert kept(gelu_linear) == 1
+
+
+def test_gelu_linear_runs_the_plain_composition_where_the_function_does_not_fit():
+    """Hooks on the linear layer still fire, a linear that is not nn.Linear's own forward
+    (Mixout's) runs its own, and bf16, no-grad and written-out passes take the plain path."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+    hidden = torch.randn(4, 8, requires_grad=True)
+    linear = nn.Linear(8, 3)
+    seen = []
+    linear.register_forward_hook(lambda m, inputs, out: seen.append(out.shape))
+    assert gelu_linear(hidden, linear, "none").grad_fn.name() == "AddmmBackward0" and seen == [(4, 3)]
+    scaled = Scaled(8, 3)
+    linear_alone = nn.functional.linear(nn.functional.gelu(hidden), scaled.weight, scaled.bias)
+    torch.testing.assert_close(gelu_linear(hidden, scaled, "none"), 2 * linear_alone)
+    plain_linear = nn.Linear(8, 3)
+    assert gelu_linear(hidden.bfloat16(), plain_linear.bfloat16(), "none").grad_fn.name() == "AddmmBackward0"
+    with torch.no_grad():
+        assert gelu_linear(hidden, nn.Linear(8, 3), "none").grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gelu_linear(hidden, nn.Linear(8, 3), "none").dtype == torch.bfloat16
+
+
+def test_model_step_with_gelu_linear_equals_the_plain_feed_forward_bit_for_bit(monkeypatch):
+    """A training step of LNSR's two passes with and without the seam: the same loss and
+    gradients, bit for bit, on the tiny model."""
+    runs, backward_nodes = [], []
+    for feed_forward in (gelu_linear, plain_gelu_linear):
+        def recorded(hidden, linear, approximate, feed_forward=feed_forward):
+            out = feed_forward(hidden, linear, approximate)
+            backward_nodes.append(out.grad_fn.name())
+            return out
+        monkeypatch.setattr(bert_model, "gelu_linear", recorded)
+        torch.manual_seed(0)
+        model = tiny.tiny_model()
+        model.train()
+        batch = tiny.tiny_batch(T=10, pad=(0, 3, 6))
+        torch.manual_seed(1)
+        out = tiny.forward(model, batch)
+        noisy = model.bert.run_layers(out.hidden_states[0] + 0.01, out.attn_mask, 1)
+        loss = out.logits.square().sum() + sum((n - c).square().sum() for n, c in zip(noisy, out.hidden_states[1:]))
+        loss.backward()
+        runs.append([loss.detach()] + [p.grad for p in model.parameters()])
+    assert backward_nodes == ["_GeluLinearBackward"] * 4 + ["AddmmBackward0"] * 4      # 2 layers, 2 passes
+    bits = lambda t: t.reshape(-1).view(torch.int32)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(*runs))
 
 
 @pytest.mark.parametrize("pad", [(0, 0, 0), (0, 3, 6)])
