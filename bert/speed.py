@@ -30,7 +30,9 @@ What each buys is measured in docs/SPEED.md ("What changed", under the names giv
   batches with dynamic padding are up to half padding ("Padding rows are skipped"). N differs
   from batch to batch, and so would the size of every (N, H) and (N, 4H) tensor, which
   fragments the CPU heap until it grows without bound; so the row count is rounded up to one of
-  a few sizes with padding positions whose results are dropped ("Row counts in buckets"). On a
+  a few sizes with padding positions whose results are dropped ("Row counts in buckets"). A
+  layer's output rows go to the next layer as they are, without a gather from the (B, T, H)
+  grid that hidden_states holds ("Rows passed from layer to layer"). On a
   GPU the padded rows are computed: finding the real rows (`nonzero`) would make the host wait
   for the device at every pass.
 
