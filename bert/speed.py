@@ -144,8 +144,9 @@ def gelu_linear(hidden, linear: nn.Linear, approximate: str):
 
     each with the operation autograd's own rules use, so every gradient is the plain
     composition's bit for bit (tests/test_fast_paths.py). The recomputation is one GELU over the
-    block's (N, 4H) values per layer and pass, about 1% of a MiniLM step; the tensor it spares is
-    the step's largest after the attention maps ("GELU computed again", docs/SPEED.md).
+    block's (N, 4H) values per layer and pass, 0-2% of a MiniLM step, which rows passed from
+    layer to layer (`RealTokens.rows`) more than pay back on padded batches; the tensor it spares
+    is the step's largest after the attention maps ("GELU computed again", docs/SPEED.md).
 
     The plain composition runs where the Function would not fit: written out (forward-mode
     differentiation), under autocast or in other precisions, on a GPU, with no gradient to
