@@ -162,7 +162,8 @@ def keep_freed_memory():
 
     The price is memory: the heap keeps the holes between freed blocks too, and a run's resident
     memory levels off above what a step holds (an LNSR run on RTE: 3.19 GiB, 2.76 GiB with
-    `restart_without_small_block_caches`, about 2.4 GiB live).
+    `restart_without_small_block_caches`, about 2.4 GiB live; 2.57 GiB with bert/speed.py's
+    `gelu_linear` as well).
     It levels off because the blocks of one step fit the next: tensor sizes repeat from step to
     step (bert/speed.py rounds the real-token row counts, `row_bucket`) and a step frees what
     it made before the next one starts (`train.train_one`). With a new size at every step the heap
