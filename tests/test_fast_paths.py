@@ -119,21 +119,45 @@ def test_softmax_dropout_gradient_equals_finite_differences():
     torch.autograd.gradcheck(with_fixed_masks, (attention_scores(torch.float64)[:1, :1],))
 
 
+def tensors_kept(run, numel):
+    """How many distinct tensors of `numel` elements autograd keeps for the backward pass of run()."""
+    storages = set()
+    def pack(t):
+        if t.numel() == numel:
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return len(storages)
+
+
 def test_softmax_dropout_keeps_no_mask_for_the_backward_pass():
     """Tensors of the attention map's size that autograd keeps for dropout(softmax(S)) V:
     P, the mask and dropout(P) written out; P and dropout(P) through softmax_dropout."""
     def kept(fn):
         scores, v = attention_scores(torch.float32), torch.randn(2, 3, 7, 5, requires_grad=True)
-        storages = set()
-        def pack(t):
-            if t.numel() == scores.numel():
-                storages.add(t.untyped_storage().data_ptr())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(scores) @ v
-        return len(storages)
+        return tensors_kept(lambda: fn(scores) @ v, scores.numel())
     assert kept(lambda s: dropout(s.softmax(dim=-1), 0.3, True)) == 3
     assert kept(lambda s: softmax_dropout(s, 0.3, True)) == 2
+
+
+def two_pass_step(num_layers, layer_1_hook=None):
+    """An LNSR-like training step on the tiny padded batch: a clean pass, a second pass of every
+    layer from x^1 + 0.01, loss = sum of logits^2 + the squared differences of the two passes.
+    Returns the loss, both passes' hidden states and every gradient. layer_1_hook: a forward
+    hook on layer 1 (its return value replaces the layer's output)."""
+    torch.manual_seed(0)
+    model = tiny.tiny_model(num_layers=num_layers)
+    model.train()
+    if layer_1_hook is not None:
+        model.bert.layers[0].register_forward_hook(layer_1_hook)
+    batch = tiny.tiny_batch(T=10, pad=(0, 3, 6))
+    torch.manual_seed(1)
+    out = tiny.forward(model, batch)
+    noisy = model.bert.run_layers(out.hidden_states[0] + 0.01, out.attn_mask, 1)
+    loss = out.logits.square().sum() + sum((n - c).square().sum() for n, c in zip(noisy, out.hidden_states[1:]))
+    loss.backward()
+    return [loss.detach(), *out.hidden_states, *noisy] + [p.grad for p in model.parameters()]
 
 
 def feed_forward_step(fn, shape, approximate, seed=3):
@@ -175,14 +199,7 @@ def test_gelu_linear_keeps_one_tensor_of_the_block_s_size():
     """Tensors of (N, 4H) size that autograd keeps: h and GELU(h) written out, h alone fused."""
     def kept(fn):
         hidden, linear = torch.randn(37, 24, requires_grad=True), nn.Linear(24, 6)
-        storages = set()
-        def pack(t):
-            if t.numel() == hidden.numel():
-                storages.add(t.untyped_storage().data_ptr())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(hidden, linear, "none")
-        return len(storages)
+        return tensors_kept(lambda: fn(hidden, linear, "none"), hidden.numel())
     assert kept(plain_gelu_linear) == 2
     assert kept(gelu_linear) == 1
 
@@ -219,16 +236,7 @@ def test_model_step_with_gelu_linear_equals_the_plain_feed_forward_bit_for_bit(m
             backward_nodes.append(out.grad_fn.name())
             return out
         monkeypatch.setattr(bert_model, "gelu_linear", recorded)
-        torch.manual_seed(0)
-        model = tiny.tiny_model()
-        model.train()
-        batch = tiny.tiny_batch(T=10, pad=(0, 3, 6))
-        torch.manual_seed(1)
-        out = tiny.forward(model, batch)
-        noisy = model.bert.run_layers(out.hidden_states[0] + 0.01, out.attn_mask, 1)
-        loss = out.logits.square().sum() + sum((n - c).square().sum() for n, c in zip(noisy, out.hidden_states[1:]))
-        loss.backward()
-        runs.append([loss.detach()] + [p.grad for p in model.parameters()])
+        runs.append(two_pass_step(num_layers=2))
     assert backward_nodes == ["_GeluLinearBackward"] * 4 + ["AddmmBackward0"] * 4      # 2 layers, 2 passes
     bits = lambda t: t.reshape(-1).view(torch.int32)
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(*runs))
@@ -382,19 +390,10 @@ def rows_step(monkeypatch, reuse_rows, noise=None):
     monkeypatch.setattr(speed, "row_bucket", lambda n: -(-n // 32) * 32)    # 21 -> 32: 11 extra rows
     if not reuse_rows:
         monkeypatch.setattr(speed.RealTokens, "grid", lambda self, rows: uncached_grid(self, rows))
-    torch.manual_seed(0)
-    model = tiny.tiny_model(num_layers=3)
-    model.train()
-    if noise is not None:
-        model.bert.layers[0].register_forward_hook(lambda m, inputs, out: out + noise)
-    batch = tiny.tiny_batch(T=10, pad=(0, 3, 6))
-    torch.manual_seed(1)
-    out = tiny.forward(model, batch)
-    noisy = model.bert.run_layers(out.hidden_states[0] + 0.01, out.attn_mask, 1)
-    loss = out.logits.square().sum() + sum((n - c).square().sum() for n, c in zip(noisy, out.hidden_states[1:]))
-    loss.backward()
+    hook = None if noise is None else (lambda m, inputs, out: out + noise)
+    step = two_pass_step(num_layers=3, layer_1_hook=hook)
     monkeypatch.undo()
-    return [loss.detach(), *out.hidden_states, *noisy] + [p.grad for p in model.parameters()]
+    return step
 
 
 def uncached_grid(tokens, rows):
