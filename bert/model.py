@@ -171,7 +171,10 @@ class BertOutput:
     last_hidden_state: torch.Tensor          # (B, T, H); (B, 1, H) with cls_only_last_layer
     pooler_output: torch.Tensor              # (B, H)
     hidden_states: tuple                     # L+1 tensors (B, T, H): x^1 (embeddings) .. x^{L+1},
-                                             # the last (B, 1, H) with cls_only_last_layer
+                                             # the last (B, 1, H) with cls_only_last_layer. On a
+                                             # CPU with padding, x^2..x^L are side outputs in
+                                             # autograd's graph: their gradients come from their
+                                             # readers, not from later layers (RealTokens.rows)
     attn_mask: torch.Tensor | None           # (B, 1, 1, T) bool, or None (no padding)
 
 

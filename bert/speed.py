@@ -149,14 +149,19 @@ def gelu_linear(hidden, linear: nn.Linear, approximate: str):
     is the step's largest after the attention maps ("GELU computed again", docs/SPEED.md).
 
     The plain composition runs where the Function would not fit: written out (forward-mode
-    differentiation), under autocast or in other precisions, on a GPU, with no gradient to
-    keep, and when `linear` is not a plain nn.Linear or has hooks of its own (Mixout replaces
-    it; an analysis may watch it).
+    differentiation: the Function has no forward-mode rule, so torch.func transforms of a
+    layer need `write_out`), under autocast or in other precisions, on a GPU, with no gradient
+    to keep, and when `linear` is not a plain nn.Linear or has hooks, forward or backward, of
+    its own or global (Mixout replaces it; an analysis may watch it).
     """
+    module_hooks = nn.modules.module
     plain = (written_out() or not torch.is_grad_enabled() or hidden.device.type != "cpu"
              or hidden.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-             or type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks
-             or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+             or type(linear) is not nn.Linear
+             or linear._forward_hooks or linear._forward_pre_hooks
+             or linear._backward_hooks or linear._backward_pre_hooks
+             or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+             or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks)
     if plain:
         return linear(F.gelu(hidden, approximate=approximate))
     return _GeluLinear.apply(hidden, linear.weight, linear.bias, approximate)
@@ -177,6 +182,7 @@ class _GeluLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             activated = F.gelu(hidden, approximate=ctx.approximate)      # computed again: same bits
             grad_weight = grad_rows.t().mm(activated.reshape(-1, activated.shape[-1]))   # (H, 4H)
+            del activated                                                # before grad_activated
         if ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)                                 # (H,)
         if ctx.needs_input_grad[0]:
@@ -307,7 +313,11 @@ class RealTokens:
         # rows are the same values; the bucket's extra rows hold the previous layer's results
         # at those padding positions instead of 0, which no real token reads and whose
         # gradients are 0. A hook that replaced the grid (LNSR's noise, SMART's perturbation)
-        # or changed it in place (its version moved) gets its own rows gathered.
+        # or changed it in place (its version moved; not through `.data`, which autograd does
+        # not see either) gets its own rows gathered. The price: in autograd's graph the grid
+        # is a side output, so a gradient taken with respect to hidden_states[r], 1 <= r < L,
+        # holds what its own readers send it, not what reaches it through later layers (take
+        # gradients with respect to a tensor added in a hook instead, as SMART does).
         if self.last_grid is not None:
             grid, version, rows = self.last_grid
             if x is grid and x._version == version:
@@ -321,7 +331,8 @@ class RealTokens:
         H = rows.shape[-1]
         grid = (rows.new_zeros(self.B * self.T, H).index_copy_(0, self.real, rows[:self.real_rows])
                 .view(self.B, self.T, H))
-        self.last_grid = (grid, grid._version, rows)
+        if not grid.is_inference():      # inference-mode tensors keep no version counter
+            self.last_grid = (grid, grid._version, rows)
         return grid
 
 

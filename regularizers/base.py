@@ -18,7 +18,11 @@ What a method gets and what it may change:
   hook may choose how a layer computes where bert/speed.py offers a choice (LNSR's jvp
   estimator has layers b..L written out as plain tensor operations, bert/speed.py::write_out).
 - `penalty` gets the batch and the clean pass's outputs (logits, every hidden state, the
-  attention mask). It may run the model or some of its layers again. A second pass that should
+  attention mask). It may run the model or some of its layers again. A gradient with respect
+  to a hidden state should be taken at a tensor the method adds itself (SMART's delta, added
+  in a hook): on a CPU the intermediate hidden states are side outputs of autograd's graph
+  (bert/model.py::BertOutput), so their own gradients miss what reaches them through later
+  layers. A second pass that should
   see the clean pass's dropout masks runs inside a `DropoutReplay` (regularizers/replay.py),
   which also leaves the global random generator where the clean pass left it; a pass with
   fresh masks draws from that generator like any forward pass.

@@ -205,7 +205,7 @@ def test_gelu_linear_keeps_one_tensor_of_the_block_s_size():
 
 
 def test_gelu_linear_runs_the_plain_composition_where_the_function_does_not_fit():
-    """Hooks on the linear layer still fire, a linear that is not nn.Linear's own forward
+    """Hooks on the linear layer, forward and backward, still fire, a linear that is not nn.Linear's own forward
     (Mixout's) runs its own, and bf16, no-grad and written-out passes take the plain path."""
     class Scaled(nn.Linear):
         def forward(self, x):
@@ -220,6 +220,10 @@ def test_gelu_linear_runs_the_plain_composition_where_the_function_does_not_fit(
     torch.testing.assert_close(gelu_linear(hidden, scaled, "none"), 2 * linear_alone)
     plain_linear = nn.Linear(8, 3)
     assert gelu_linear(hidden.bfloat16(), plain_linear.bfloat16(), "none").grad_fn.name() == "AddmmBackward0"
+    watched, backward_seen = nn.Linear(8, 3), []
+    watched.register_full_backward_hook(lambda m, grad_in, grad_out: backward_seen.append(1))
+    gelu_linear(hidden, watched, "none").sum().backward()
+    assert backward_seen == [1]
     with torch.no_grad():
         assert gelu_linear(hidden, nn.Linear(8, 3), "none").grad_fn is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -436,6 +440,17 @@ def test_rows_are_reused_only_for_the_grid_made_from_them():
     assert read is not made and torch.equal(read[:21], made[:21] + 1.0)
     made, read = first_rows_of_layer_2(lambda m, i, out: out.add_(1.0))
     assert read is not made and torch.equal(read[:21], made[:21] + 1.0)
+
+
+def test_rows_passed_under_inference_mode_equal_no_grad():
+    """Inference-mode tensors keep no version counter: their rows are gathered as before."""
+    model, batch = tiny.tiny_model(num_layers=3).eval(), tiny.tiny_batch(T=10, pad=(0, 3, 6))
+    with torch.no_grad():
+        expected = tiny.forward(model, batch)
+    with torch.inference_mode():
+        got = tiny.forward(model, batch)
+    assert all(torch.equal(a, b) for a, b in zip(expected.hidden_states, got.hidden_states))
+    assert torch.equal(expected.logits, got.logits)
 
 
 def test_written_out_layer_norm_equals_torch_s():
