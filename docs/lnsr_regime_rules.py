@@ -18,6 +18,20 @@ over its runs. A strength with any collapsed run is out. Each reading's selected
 largest average difference; strengths within 0.5 points of it tie, and the weaker one wins. It is
 selected even if its difference is not positive. A strength is ranked once it has a run for every
 (task, seed) that ft has.
+
+Stage 3 (the test, dev scores, full training sets): each arm (a reading at its selected strength)
+against ft, per task, with the paper's signature (a) a lower mean train metric, (b) a higher dev
+mean, (c) a lower dev std, (d) a narrower train-dev gap, and the decision rule of
+docs/LNSR_READINGS.md. An arm behaves like the paper if all three hold over the tasks:
+  1. its mean paired difference against ft is positive on at least 3 tasks, and its 95% interval
+     lies wholly above 0 on at least 1;
+  2. on no task does its 95% interval lie wholly below 0;
+  3. its mean train metric is below ft's on at least 3 tasks.
+If one arm behaves like the paper it is the recommendation; if both do, the one with the larger
+paired difference averaged over the tasks; if neither does, none is. An arm is judged once it has
+a run for every (task, seed) that ft has, and ft has every task and seed.
+
+    python docs/lnsr_regime_rules.py stage3 results/regime/stage3
 """
 import argparse
 import json
@@ -26,8 +40,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
-from run_records import one_answer  # noqa: E402
+from run_records import one_answer, scored_set  # noqa: E402
 
+STAGE3_TASKS = ("RTE", "MRPC", "CoLA", "STS-B")
+STAGE3_SEEDS = 5
 TIE = 1.0                      # points: stage-1 cells within this much of the best tie
 STRENGTH_TIE = 0.5             # points: stage-2 strengths within this much of the best tie
 
@@ -153,9 +169,131 @@ def stage2(dirs, ft_dirs) -> int:
     return 0
 
 
+def arm_of(run: dict) -> str:
+    """"ft", or the reading and its strength: "shared sigma 0.0001", "independent lambda 0.03"."""
+    if run.get("method") == "ft":
+        return "ft"
+    options = run.get("method_options") or {}
+    if run.get("method") == "lnsr" and options.get("relative_sigma") is not None:     # Figure 1's noise scale
+        return f"{options.get('dropout', 'shared')} relative sigma {float(options['relative_sigma']):g}"
+    reading, strength = reading_and_strength(run)
+    return f"{reading} {'sigma' if reading == 'shared' else 'lambda'} {strength:g}"
+
+
+def stage3_cells(runs) -> dict:
+    """{task: {arm: {"dev": {seed: score}, "train": {seed: score}, "collapsed": count}}}, in percent."""
+    cells = {}
+    for r in runs:
+        cell = cells.setdefault(r["task"], {}).setdefault(
+            arm_of(r), {"dev": {}, "train": {}, "collapsed": 0})
+        cell["dev"][r["seed"]] = r["_value"]
+        if isinstance(r.get("train"), dict) and r["metric"] in r["train"]:
+            cell["train"][r["seed"]] = 100.0 * r["train"][r["metric"]]
+        cell["collapsed"] += one_answer(r) is not None
+    return cells
+
+
+def signature(cell: dict, ft: dict) -> dict:
+    """The paper's signature on one task: {part: (holds, arm's value, ft's value)} for
+    (a) lower mean train metric, (b) higher dev mean, (c) lower dev std, (d) narrower gap."""
+    mean = lambda d: sum(d.values()) / len(d)
+    std = lambda d: evaluate.describe(list(d.values()))["std"]
+    gap = lambda c: mean(c["train"]) - mean(c["dev"])
+    arm_values = {"a": mean(cell["train"]), "b": mean(cell["dev"]), "c": std(cell["dev"]), "d": gap(cell)}
+    ft_values = {"a": mean(ft["train"]), "b": mean(ft["dev"]), "c": std(ft["dev"]), "d": gap(ft)}
+    higher_is_the_signature = {"a": False, "b": True, "c": False, "d": False}
+    return {part: ((arm_values[part] > ft_values[part]) if higher_is_the_signature[part]
+                   else (arm_values[part] < ft_values[part]), arm_values[part], ft_values[part])
+            for part in "abcd"}
+
+
+def decision(paired: dict, signatures: dict) -> dict:
+    """The decision rule over the tasks, from each task's paired comparison (evaluate's
+    paired_comparison) and signature: {"rule1", "rule2", "rule3": (holds, tasks that count),
+    "behaves": bool}."""
+    positive = [t for t, p in paired.items() if p["mean_diff"] > 0]
+    above = [t for t, p in paired.items() if p["ci95"] is not None and p["ci95"][0] > 0]
+    below = [t for t, p in paired.items() if p["ci95"] is not None and p["ci95"][1] < 0]
+    lower_train = [t for t, s in signatures.items() if s["a"][0]]
+    rules = {"rule1": (len(positive) >= 3 and len(above) >= 1, positive, above),
+             "rule2": (not below, below),
+             "rule3": (len(lower_train) >= 3, lower_train)}
+    rules["behaves"] = all(rules[k][0] for k in ("rule1", "rule2", "rule3"))
+    return rules
+
+
+def stage3_verdicts(cells: dict) -> tuple:
+    """({arm: {"paired", "signature", "decision", "mean_diff", "complete"}}, recommended arm or
+    None). An arm without every (task, seed) of a complete ft is shown but not judged."""
+    ft_complete = all(t in cells and "ft" in cells[t] and len(cells[t]["ft"]["dev"]) >= STAGE3_SEEDS
+                      and len(cells[t]["ft"]["train"]) == len(cells[t]["ft"]["dev"]) for t in STAGE3_TASKS)
+    arms = sorted({a for per_task in cells.values() for a in per_task if a != "ft"})
+    verdicts = {}
+    for arm in arms:
+        tasks = [t for t in STAGE3_TASKS if t in cells and arm in cells[t] and "ft" in cells[t]]
+        paired = {t: evaluate.paired_comparison(cells[t][arm]["dev"], cells[t]["ft"]["dev"]) for t in tasks}
+        signatures = {t: signature(cells[t][arm], cells[t]["ft"]) for t in tasks
+                      if cells[t][arm]["train"] and cells[t]["ft"]["train"]}
+        complete = ft_complete and len(tasks) == len(STAGE3_TASKS) and all(
+            cells[t][arm]["dev"].keys() == cells[t]["ft"]["dev"].keys() and t in signatures for t in tasks)
+        verdicts[arm] = {"paired": paired, "signature": signatures, "complete": complete,
+                         "decision": decision(paired, signatures) if complete else None,
+                         "mean_diff": sum(p["mean_diff"] for p in paired.values()) / len(paired) if paired else None}
+    behaving = [a for a, v in verdicts.items() if v["decision"] and v["decision"]["behaves"]]
+    recommended = max(behaving, key=lambda a: verdicts[a]["mean_diff"]) if behaving else None
+    return verdicts, recommended
+
+
+def stage3(dirs) -> int:
+    runs, problems = evaluate.read_runs(*map(Path, dirs))
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    held_out = [r["_dir"] for r in runs if scored_set(r) == "held_out"]
+    if held_out:
+        print(f"error: {held_out[0]}: scored on held-out data; stage 3 scores dev", file=sys.stderr)
+        return 2
+    cells = stage3_cells(runs)
+    verdicts, recommended = stage3_verdicts(cells)
+    f = lambda x: evaluate.fmt(x)
+    print("| task | arm | seeds | mean diff vs ft | 95% CI | wins | (a) lower train | (b) higher dev mean | "
+          "(c) lower dev std | (d) narrower gap | collapsed runs |")
+    print("|---|---|---:|---:|---|---:|---|---|---|---|---:|")
+    yes = lambda part: f"{'yes' if part[0] else 'no'}: {f(part[1])} vs {f(part[2])}"
+    for arm, v in verdicts.items():
+        for task, p in v["paired"].items():
+            ci = "-" if p["ci95"] is None else f"[{f(p['ci95'][0])}, {f(p['ci95'][1])}]"
+            s = v["signature"].get(task)
+            parts = " | ".join(yes(s[k]) for k in "abcd") if s else "- | - | - | -"
+            print(f"| {task} | {arm} | {p['n']} | {f(p['mean_diff'])} | {ci} | {p['wins']}/{p['n']} | {parts} | "
+                  f"{cells[task][arm]['collapsed']} |")
+    print()
+    print("| arm | 1. diff > 0 on >= 3 tasks, CI above 0 on >= 1 | 2. no CI wholly below 0 | "
+          "3. train below ft's on >= 3 tasks | behaves like the paper |")
+    print("|---|---|---|---|---|")
+    names = lambda tasks: ", ".join(tasks) or "none"
+    for arm, v in verdicts.items():
+        d = v["decision"]
+        if d is None:
+            print(f"| {arm} | - | - | - | not judged: not every task and seed of ft has its pair |")
+            continue
+        ok = lambda rule: "yes" if d[rule][0] else "no"
+        print(f"| {arm} | {ok('rule1')}: positive on {names(d['rule1'][1])}; above 0 on {names(d['rule1'][2])} | "
+              f"{ok('rule2')}: below 0 on {names(d['rule2'][1])} | {ok('rule3')}: below on {names(d['rule3'][1])} | "
+              f"**{'yes' if d['behaves'] else 'no'}** |")
+    print()
+    if any(v["decision"] is None for v in verdicts.values()) or not verdicts:
+        print("Recommendation: not decided; stage 3 is not complete.")
+    elif recommended:
+        print(f"Recommendation: {recommended} (mean paired difference over the tasks "
+              f"{verdicts[recommended]['mean_diff']:+.2f}).")
+    else:
+        print("Recommendation: none; no reading behaves like the paper at its selected strength.")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["stage1", "stage2"])
+    p.add_argument("stage", choices=["stage1", "stage2", "stage3"])
     p.add_argument("dirs", nargs="+", help="folders of runs (searched recursively)")
     p.add_argument("--ft", nargs="+", default=[], metavar="DIR",
                    help="stage2: folders of the ft runs of stage 1's chosen cell, every task")
@@ -164,6 +302,8 @@ def main(argv=None):
         if not args.ft:
             p.error("stage2 needs --ft")
         return stage2(args.dirs, args.ft)
+    if args.stage == "stage3":
+        return stage3(args.dirs)
     runs, problems = evaluate.read_runs(*map(Path, args.dirs))
     for problem in problems:
         print(f"skipped: {problem}", file=sys.stderr)

@@ -149,3 +149,101 @@ def test_protocol_runs_score_held_out_alone_and_were_made_from_the_committed_pro
     first_run = git("log", "--diff-filter=A", "--format=%H", "--", "results/regime").stdout.split()[-1]
     assert git("merge-base", "--is-ancestor", protocol_commit, first_run).returncode == 0
     assert protocol_commit != first_run
+
+
+def cell(dev, train):
+    """A stage-3 cell from per-seed dev and train scores (seeds 1..n)."""
+    return {"dev": dict(enumerate(dev, 1)), "train": dict(enumerate(train, 1)), "collapsed": 0}
+
+
+FT_DEV = [60.0, 58.0, 62.0, 59.0, 61.0]
+FT_TRAIN = [95.0] * 5
+
+
+def stage3_cells(arms: dict) -> dict:
+    """{task: {arm: cell}} with ft at FT_DEV and FT_TRAIN on every task, and the arms given as
+    {arm: {task: (dev differences from ft per seed, train score)}}."""
+    cells = {t: {"ft": cell(FT_DEV, FT_TRAIN)} for t in rules.STAGE3_TASKS}
+    for arm, per_task in arms.items():
+        for task, (diffs, train) in per_task.items():
+            cells[task][arm] = cell([f + d for f, d in zip(FT_DEV, diffs)], [train] * 5)
+    return cells
+
+
+UP = [1.0, 1.2, 0.8, 1.1, 0.9]          # a clear gain: interval above 0
+SMALL_UP = [0.5, -0.3, 0.4, 0.2, 0.1]   # positive mean, interval spanning 0
+DOWN = [-1.0, -1.2, -0.8, -1.1, -0.9]   # interval below 0
+
+
+def test_stage3_an_arm_meeting_the_three_rules_is_recommended():
+    arm = {"RTE": (UP, 90.0), "MRPC": (SMALL_UP, 90.0), "CoLA": (SMALL_UP, 96.0), "STS-B": (SMALL_UP, 94.0)}
+    verdicts, recommended = rules.stage3_verdicts(stage3_cells({"shared sigma 0.0003": arm}))
+    d = verdicts["shared sigma 0.0003"]["decision"]
+    assert d["rule1"] == (True, ["RTE", "MRPC", "CoLA", "STS-B"], ["RTE"])
+    assert d["rule2"] == (True, [])
+    assert d["rule3"] == (True, ["RTE", "MRPC", "STS-B"])
+    assert d["behaves"] and recommended == "shared sigma 0.0003"
+    # The signature on RTE, against values computed here: train 90 vs 95, dev mean +1, std of
+    # the dev scores (ddof 1), gap.
+    import statistics
+    s = verdicts["shared sigma 0.0003"]["signature"]["RTE"]
+    arm_dev = [f + u for f, u in zip(FT_DEV, UP)]
+    assert s["a"] == (True, 90.0, 95.0)
+    assert s["b"][0] and s["b"][1:] == pytest.approx((statistics.mean(arm_dev), statistics.mean(FT_DEV)))
+    assert s["c"][1:] == pytest.approx((statistics.stdev(arm_dev), statistics.stdev(FT_DEV)))
+    assert s["c"][0] == (statistics.stdev(arm_dev) < statistics.stdev(FT_DEV))
+    assert s["d"] == (True, pytest.approx(90.0 - statistics.mean(arm_dev)), pytest.approx(95.0 - statistics.mean(FT_DEV)))
+
+
+def test_stage3_each_rule_can_fail_and_the_larger_mean_difference_wins_between_two():
+    good = {"RTE": (UP, 90.0), "MRPC": (SMALL_UP, 90.0), "CoLA": (SMALL_UP, 90.0), "STS-B": (SMALL_UP, 90.0)}
+    better = {**good, "MRPC": (UP, 90.0)}
+    no_interval_above = {t: (SMALL_UP, 90.0) for t in rules.STAGE3_TASKS}
+    one_below = {**good, "STS-B": (DOWN, 90.0)}           # still positive on 3 tasks
+    no_regularizing = {t: (diffs, 96.0) for t, (diffs, _) in good.items()}
+    cells = stage3_cells({"a good": good, "b better": better, "c no_interval_above": no_interval_above,
+                          "d one_below": one_below, "e no_regularizing": no_regularizing})
+    verdicts, recommended = rules.stage3_verdicts(cells)
+    behaves = {arm: v["decision"]["behaves"] for arm, v in verdicts.items()}
+    assert behaves == {"a good": True, "b better": True, "c no_interval_above": False,
+                       "d one_below": False, "e no_regularizing": False}
+    assert verdicts["d one_below"]["decision"]["rule2"] == (False, ["STS-B"])
+    assert recommended == "b better"
+
+
+def test_stage3_judges_no_arm_before_every_pair_is_in():
+    arm = {t: (UP, 90.0) for t in rules.STAGE3_TASKS}
+    cells = stage3_cells({"independent lambda 0.01": arm})
+    del cells["CoLA"]["independent lambda 0.01"]["dev"][5]
+    verdicts, recommended = rules.stage3_verdicts(cells)
+    assert verdicts["independent lambda 0.01"]["decision"] is None and recommended is None
+    cells = stage3_cells({"independent lambda 0.01": {t: v for t, v in arm.items() if t != "STS-B"}})
+    assert rules.stage3_verdicts(cells)[0]["independent lambda 0.01"]["decision"] is None
+
+
+def test_stage3_reproduces_the_readings_report_from_its_committed_runs(capsys, monkeypatch):
+    """The readings comparison (docs/RESULTS.md, "The paper's signature, arm by arm" and the
+    decision rule after it) was tabulated before this rule was code: the code must print the same
+    parts and verdicts from the same 60 runs."""
+    monkeypatch.chdir(ROOT)
+    assert rules.main(["stage3", "results/readings"]) == 0
+    out = capsys.readouterr().out
+    report = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    names = {"independent lambda 1": "two-pass", "shared relative sigma 0.05": "Figure-1 noise"}
+    signature_rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and ": " in line and " vs " in line]
+    assert len(signature_rows) == 8
+    for cols in signature_rows:
+        task, arm, parts = cols[0][2:], cols[1], cols[6:10]
+        assert f"| {task} | {names[arm]} | {' | '.join(parts)} |" in report
+    verdicts = [line for line in out.splitlines() if line.endswith("**no** |")]
+    assert len(verdicts) == 2
+    for line in verdicts:
+        arm = line.split(" | ")[0][2:]
+        assert line.replace(arm, names[arm], 1) in report
+    assert "Recommendation: none" in out
+
+
+def test_stage3_refuses_held_out_runs(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert rules.main(["stage3", "results/regime/stage1/adamw/RTE/ft-epochs6-lr5e-05"]) == 2
+    assert "scored on held-out data" in capsys.readouterr().err
