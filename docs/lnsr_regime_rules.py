@@ -28,8 +28,10 @@ docs/LNSR_READINGS.md. An arm behaves like the paper if all three hold over the 
   2. on no task does its 95% interval lie wholly below 0;
   3. its mean train metric is below ft's on at least 3 tasks.
 If one arm behaves like the paper it is the recommendation; if both do, the one with the larger
-paired difference averaged over the tasks; if neither does, none is. An arm is judged once it has
-a run for every (task, seed) that ft has, and ft has every task and seed.
+paired difference averaged over the tasks; if neither does, none is. An arm is judged once it and
+ft each have a dev and a train score for every task and for seeds 1-5; runs of two recipes in one
+call are refused. An arm that collapses on 3 or more of a task's seeds is reported as not
+training there (the collapsed runs stay in every statistic).
 
     python docs/lnsr_regime_rules.py stage3 results/regime/stage3
 """
@@ -181,11 +183,16 @@ def arm_of(run: dict) -> str:
 
 
 def stage3_cells(runs) -> dict:
-    """{task: {arm: {"dev": {seed: score}, "train": {seed: score}, "collapsed": count}}}, in percent."""
-    cells = {}
+    """{task: {arm: {"dev": {seed: score}, "train": {seed: score}, "collapsed": count}}}, in
+    percent. Raises ValueError where two runs would fill one (task, arm, seed): runs of two
+    recipes, or of two settings that one arm name does not tell apart."""
+    cells, seen = {}, {}
     for r in runs:
-        cell = cells.setdefault(r["task"], {}).setdefault(
-            arm_of(r), {"dev": {}, "train": {}, "collapsed": 0})
+        key = (r["task"], arm_of(r), r["seed"])
+        if key in seen:
+            raise ValueError(f"{r['_dir']} and {seen[key]}: two runs of {key[1]}, {key[0]}, seed {key[2]}")
+        seen[key] = r["_dir"]
+        cell = cells.setdefault(r["task"], {}).setdefault(key[1], {"dev": {}, "train": {}, "collapsed": 0})
         cell["dev"][r["seed"]] = r["_value"]
         if isinstance(r.get("train"), dict) and r["metric"] in r["train"]:
             cell["train"][r["seed"]] = 100.0 * r["train"][r["metric"]]
@@ -194,23 +201,31 @@ def stage3_cells(runs) -> dict:
 
 
 def signature(cell: dict, ft: dict) -> dict:
-    """The paper's signature on one task: {part: (holds, arm's value, ft's value)} for
-    (a) lower mean train metric, (b) higher dev mean, (c) lower dev std, (d) narrower gap."""
+    """The paper's signature on one task: {part: (holds, arm's value, ft's value)}.
+
+    Each side's means and std are over its own seeds (unpaired, as Tables 1 and 3 show them);
+    rules 1 and 2 below use the paired differences instead. The gap is signed, train - dev."""
     mean = lambda d: sum(d.values()) / len(d)
     std = lambda d: evaluate.describe(list(d.values()))["std"]
-    gap = lambda c: mean(c["train"]) - mean(c["dev"])
-    arm_values = {"a": mean(cell["train"]), "b": mean(cell["dev"]), "c": std(cell["dev"]), "d": gap(cell)}
-    ft_values = {"a": mean(ft["train"]), "b": mean(ft["dev"]), "c": std(ft["dev"]), "d": gap(ft)}
-    higher_is_the_signature = {"a": False, "b": True, "c": False, "d": False}
-    return {part: ((arm_values[part] > ft_values[part]) if higher_is_the_signature[part]
-                   else (arm_values[part] < ft_values[part]), arm_values[part], ft_values[part])
-            for part in "abcd"}
+    value = {"a": lambda c: mean(c["train"]),                       # (a) train metric: lower
+             "b": lambda c: mean(c["dev"]),                         # (b) dev mean: higher
+             "c": lambda c: std(c["dev"]),                          # (c) dev std: lower
+             "d": lambda c: mean(c["train"]) - mean(c["dev"])}      # (d) gap: narrower
+    paper_wants_higher = {"a": False, "b": True, "c": False, "d": False}
+    out = {}
+    for part, of in value.items():
+        arm_value, ft_value = of(cell), of(ft)
+        holds = arm_value > ft_value if paper_wants_higher[part] else arm_value < ft_value
+        out[part] = (holds, arm_value, ft_value)
+    return out
 
 
 def decision(paired: dict, signatures: dict) -> dict:
     """The decision rule over the tasks, from each task's paired comparison (evaluate's
-    paired_comparison) and signature: {"rule1", "rule2", "rule3": (holds, tasks that count),
-    "behaves": bool}."""
+    paired_comparison) and signature:
+    {"rule1": (holds, tasks with a positive difference, tasks with the interval above 0),
+     "rule2": (holds, tasks with the interval below 0),
+     "rule3": (holds, tasks with a lower train metric), "behaves": all three hold}."""
     positive = [t for t, p in paired.items() if p["mean_diff"] > 0]
     above = [t for t, p in paired.items() if p["ci95"] is not None and p["ci95"][0] > 0]
     below = [t for t, p in paired.items() if p["ci95"] is not None and p["ci95"][1] < 0]
@@ -222,26 +237,51 @@ def decision(paired: dict, signatures: dict) -> dict:
     return rules
 
 
+def why_not_judged(cells: dict, arm: str) -> str:
+    """"" when the arm can be judged: ft and the arm each have a dev and a train score for every
+    task and for seeds 1..STAGE3_SEEDS, no more and no fewer; otherwise what is missing."""
+    seeds = set(range(1, STAGE3_SEEDS + 1))
+    for task in STAGE3_TASKS:
+        for side in ("ft", arm):
+            c = cells.get(task, {}).get(side)
+            if c is None:
+                return f"no {side} runs on {task}"
+            if set(c["dev"]) != seeds or set(c["train"]) != seeds:
+                return (f"{side} on {task}: dev scores of seeds {sorted(c['dev'])} and train scores of "
+                        f"seeds {sorted(c['train'])}, where the protocol has seeds {sorted(seeds)}")
+    return ""
+
+
 def stage3_verdicts(cells: dict) -> tuple:
-    """({arm: {"paired", "signature", "decision", "mean_diff", "complete"}}, recommended arm or
-    None). An arm without every (task, seed) of a complete ft is shown but not judged."""
-    ft_complete = all(t in cells and "ft" in cells[t] and len(cells[t]["ft"]["dev"]) >= STAGE3_SEEDS
-                      and len(cells[t]["ft"]["train"]) == len(cells[t]["ft"]["dev"]) for t in STAGE3_TASKS)
+    """({arm: {"paired", "signature", "not_judged", "decision", "mean_diff"}}, recommended arm or
+    None). Every arm is shown; only one with every (task, seed) pair is judged. If two arms behave
+    like the paper, the larger paired difference averaged over the tasks wins (an exact tie: the
+    first by name)."""
     arms = sorted({a for per_task in cells.values() for a in per_task if a != "ft"})
     verdicts = {}
     for arm in arms:
-        tasks = [t for t in STAGE3_TASKS if t in cells and arm in cells[t] and "ft" in cells[t]]
+        tasks = [t for t in STAGE3_TASKS if arm in cells.get(t, {}) and "ft" in cells[t]]
         paired = {t: evaluate.paired_comparison(cells[t][arm]["dev"], cells[t]["ft"]["dev"]) for t in tasks}
         signatures = {t: signature(cells[t][arm], cells[t]["ft"]) for t in tasks
                       if cells[t][arm]["train"] and cells[t]["ft"]["train"]}
-        complete = ft_complete and len(tasks) == len(STAGE3_TASKS) and all(
-            cells[t][arm]["dev"].keys() == cells[t]["ft"]["dev"].keys() and t in signatures for t in tasks)
-        verdicts[arm] = {"paired": paired, "signature": signatures, "complete": complete,
-                         "decision": decision(paired, signatures) if complete else None,
-                         "mean_diff": sum(p["mean_diff"] for p in paired.values()) / len(paired) if paired else None}
+        why = why_not_judged(cells, arm)
+        verdicts[arm] = {"paired": paired, "signature": signatures, "not_judged": why,
+                         "decision": None if why else decision(paired, signatures),
+                         "mean_diff": None if why else sum(p["mean_diff"] for p in paired.values()) / len(paired)}
     behaving = [a for a, v in verdicts.items() if v["decision"] and v["decision"]["behaves"]]
     recommended = max(behaving, key=lambda a: verdicts[a]["mean_diff"]) if behaving else None
     return verdicts, recommended
+
+
+def does_not_train(cells: dict) -> list:
+    """LNSR_READINGS.md: an arm that collapses on 3 or more of a task's seeds does not train there."""
+    return [(task, arm, c["collapsed"], len(c["dev"])) for task in STAGE3_TASKS
+            for arm, c in sorted(cells.get(task, {}).items()) if c["collapsed"] >= 3]
+
+
+def signature_cell(part) -> str:
+    holds, arm_value, ft_value = part
+    return f"{'yes' if holds else 'no'}: {evaluate.fmt(arm_value)} vs {evaluate.fmt(ft_value)}"
 
 
 def stage3(dirs) -> int:
@@ -252,20 +292,25 @@ def stage3(dirs) -> int:
     if held_out:
         print(f"error: {held_out[0]}: scored on held-out data; stage 3 scores dev", file=sys.stderr)
         return 2
-    cells = stage3_cells(runs)
+    try:
+        cells = stage3_cells(runs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     verdicts, recommended = stage3_verdicts(cells)
-    f = lambda x: evaluate.fmt(x)
+    fmt = evaluate.fmt
     print("| task | arm | seeds | mean diff vs ft | 95% CI | wins | (a) lower train | (b) higher dev mean | "
           "(c) lower dev std | (d) narrower gap | collapsed runs |")
     print("|---|---|---:|---:|---|---:|---|---|---|---|---:|")
-    yes = lambda part: f"{'yes' if part[0] else 'no'}: {f(part[1])} vs {f(part[2])}"
     for arm, v in verdicts.items():
         for task, p in v["paired"].items():
-            ci = "-" if p["ci95"] is None else f"[{f(p['ci95'][0])}, {f(p['ci95'][1])}]"
+            ci = "-" if p["ci95"] is None else f"[{fmt(p['ci95'][0])}, {fmt(p['ci95'][1])}]"
             s = v["signature"].get(task)
-            parts = " | ".join(yes(s[k]) for k in "abcd") if s else "- | - | - | -"
-            print(f"| {task} | {arm} | {p['n']} | {f(p['mean_diff'])} | {ci} | {p['wins']}/{p['n']} | {parts} | "
+            parts = " | ".join(signature_cell(s[k]) for k in "abcd") if s else "- | - | - | -"
+            print(f"| {task} | {arm} | {p['n']} | {fmt(p['mean_diff'])} | {ci} | {p['wins']}/{p['n']} | {parts} | "
                   f"{cells[task][arm]['collapsed']} |")
+    for task, arm, collapsed, n in does_not_train(cells):
+        print(f"\n{arm} does not train on {task}: {collapsed} of its {n} runs collapsed to one answer.")
     print()
     print("| arm | 1. diff > 0 on >= 3 tasks, CI above 0 on >= 1 | 2. no CI wholly below 0 | "
           "3. train below ft's on >= 3 tasks | behaves like the paper |")
@@ -274,14 +319,14 @@ def stage3(dirs) -> int:
     for arm, v in verdicts.items():
         d = v["decision"]
         if d is None:
-            print(f"| {arm} | - | - | - | not judged: not every task and seed of ft has its pair |")
+            print(f"| {arm} | - | - | - | not judged: {v['not_judged']} |")
             continue
         ok = lambda rule: "yes" if d[rule][0] else "no"
         print(f"| {arm} | {ok('rule1')}: positive on {names(d['rule1'][1])}; above 0 on {names(d['rule1'][2])} | "
               f"{ok('rule2')}: below 0 on {names(d['rule2'][1])} | {ok('rule3')}: below on {names(d['rule3'][1])} | "
               f"**{'yes' if d['behaves'] else 'no'}** |")
     print()
-    if any(v["decision"] is None for v in verdicts.values()) or not verdicts:
+    if not verdicts or any(v["decision"] is None for v in verdicts.values()):
         print("Recommendation: not decided; stage 3 is not complete.")
     elif recommended:
         print(f"Recommendation: {recommended} (mean paired difference over the tasks "

@@ -197,28 +197,46 @@ def test_stage3_an_arm_meeting_the_three_rules_is_recommended():
 
 def test_stage3_each_rule_can_fail_and_the_larger_mean_difference_wins_between_two():
     good = {"RTE": (UP, 90.0), "MRPC": (SMALL_UP, 90.0), "CoLA": (SMALL_UP, 90.0), "STS-B": (SMALL_UP, 90.0)}
-    better = {**good, "MRPC": (UP, 90.0)}
-    no_interval_above = {t: (SMALL_UP, 90.0) for t in rules.STAGE3_TASKS}
-    one_below = {**good, "STS-B": (DOWN, 90.0)}           # still positive on 3 tasks
-    no_regularizing = {t: (diffs, 96.0) for t, (diffs, _) in good.items()}
-    cells = stage3_cells({"a good": good, "b better": better, "c no_interval_above": no_interval_above,
-                          "d one_below": one_below, "e no_regularizing": no_regularizing})
-    verdicts, recommended = rules.stage3_verdicts(cells)
+    arms = {
+        "b good": good,
+        "a better": {**good, "MRPC": (UP, 90.0)},                         # sorts first: the tie-break is by value
+        "c no interval above 0": {t: (SMALL_UP, 90.0) for t in rules.STAGE3_TASKS},
+        "d positive on 2 tasks": {**good, "CoLA": (DOWN[::-1], 90.0), "STS-B": ([-0.5, 0.3, -0.4, -0.2, -0.1], 90.0)},
+        "e one interval below 0": {**good, "STS-B": (DOWN, 90.0)},        # still positive on 3 tasks
+        "f train lower on 2 tasks": {**good, "CoLA": (SMALL_UP, 96.0), "STS-B": (SMALL_UP, 95.0)},  # 95 ties ft
+    }
+    verdicts, recommended = rules.stage3_verdicts(stage3_cells(arms))
     behaves = {arm: v["decision"]["behaves"] for arm, v in verdicts.items()}
-    assert behaves == {"a good": True, "b better": True, "c no_interval_above": False,
-                       "d one_below": False, "e no_regularizing": False}
-    assert verdicts["d one_below"]["decision"]["rule2"] == (False, ["STS-B"])
-    assert recommended == "b better"
+    assert behaves == {"a better": True, "b good": True, "c no interval above 0": False,
+                       "d positive on 2 tasks": False, "e one interval below 0": False,
+                       "f train lower on 2 tasks": False}
+    assert verdicts["c no interval above 0"]["decision"]["rule1"] == (False, list(rules.STAGE3_TASKS), [])
+    assert verdicts["d positive on 2 tasks"]["decision"]["rule1"] == (False, ["RTE", "MRPC"], ["RTE"])
+    assert verdicts["e one interval below 0"]["decision"]["rule2"] == (False, ["STS-B"])
+    assert verdicts["f train lower on 2 tasks"]["decision"]["rule3"] == (False, ["RTE", "MRPC"])
+    assert verdicts["f train lower on 2 tasks"]["signature"]["STS-B"]["a"] == (False, 95.0, 95.0)   # a tie is not lower
+    assert recommended == "a better"
 
 
 def test_stage3_judges_no_arm_before_every_pair_is_in():
     arm = {t: (UP, 90.0) for t in rules.STAGE3_TASKS}
+    judged = lambda cells: rules.stage3_verdicts(cells)[0]["independent lambda 0.01"]["decision"] is not None
+    assert judged(stage3_cells({"independent lambda 0.01": arm}))
     cells = stage3_cells({"independent lambda 0.01": arm})
-    del cells["CoLA"]["independent lambda 0.01"]["dev"][5]
-    verdicts, recommended = rules.stage3_verdicts(cells)
-    assert verdicts["independent lambda 0.01"]["decision"] is None and recommended is None
+    del cells["CoLA"]["independent lambda 0.01"]["dev"][5]                 # a seed missing
+    assert not judged(cells) and rules.stage3_verdicts(cells)[1] is None
+    cells = stage3_cells({"independent lambda 0.01": arm})
+    del cells["CoLA"]["independent lambda 0.01"]["train"][2]               # a train score missing
+    assert not judged(cells)
+    cells = stage3_cells({"independent lambda 0.01": arm})
+    cells["RTE"]["independent lambda 0.01"]["dev"][6] = 70.0                # a seed ft does not have
+    cells["RTE"]["independent lambda 0.01"]["train"][6] = 90.0
+    assert not judged(cells)
+    cells = stage3_cells({"independent lambda 0.01": arm})
+    del cells["MRPC"]["ft"]["dev"][4], cells["MRPC"]["ft"]["train"][4]     # ft incomplete
+    assert not judged(cells)
     cells = stage3_cells({"independent lambda 0.01": {t: v for t, v in arm.items() if t != "STS-B"}})
-    assert rules.stage3_verdicts(cells)[0]["independent lambda 0.01"]["decision"] is None
+    assert not judged(cells)
 
 
 def test_stage3_reproduces_the_readings_report_from_its_committed_runs(capsys, monkeypatch):
@@ -241,6 +259,18 @@ def test_stage3_reproduces_the_readings_report_from_its_committed_runs(capsys, m
         arm = line.split(" | ")[0][2:]
         assert line.replace(arm, names[arm], 1) in report
     assert "Recommendation: none" in out
+    assert "independent lambda 1 does not train on CoLA: 5 of its 5 runs collapsed" in out
+    assert rules.main(["stage3", "results/readings/ft", "results/readings/two-pass/RTE"]) == 0
+    out = capsys.readouterr().out
+    assert "not judged: no independent lambda 1 runs on MRPC" in out
+    assert "Recommendation: not decided; stage 3 is not complete." in out
+
+
+def test_stage3_refuses_two_runs_in_one_place(capsys, monkeypatch):
+    """Runs of two recipes (here: two folders of ft runs) would overwrite each other's seeds."""
+    monkeypatch.chdir(ROOT)
+    assert rules.main(["stage3", "results/readings/ft", "results/glue/RTE/ft"]) == 2
+    assert "two runs of ft, RTE, seed" in capsys.readouterr().err
 
 
 def test_stage3_refuses_held_out_runs(capsys, monkeypatch):
