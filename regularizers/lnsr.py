@@ -93,7 +93,12 @@ The paper gives no numeric sigma. The default, 0.0001 with `reduction="sum"`, is
 three pre-registered sweeps on MiniLM-L6 (docs/SIGMA_SWEEP.md: 0.00001 to 0.01), though by seed
 noise only: no sigma measurably beat plain fine-tuning there, and 0.001 and above hurt. Under
 "sum" the penalty grows with the number of tokens, the width H and the number of layers, so for
-BERT-Large it is not a tuned value. Run the difference estimator in fp32: bf16 and TF32 round
+BERT-Large it is not a tuned value. Choose it on held-out training data (`train.py --holdout`)
+by the penalty's size against the task loss at the start, logged from the first step and drawn
+by `evaluate.py dose`: on MiniLM-L6 at a recipe tuned for it (AdamW, lr 5e-5, 6 epochs), no
+strength of either reading beat ft on held-out RTE and CoLA, and from about 1% of the loss on
+both readings cost several points or collapsed (docs/RESULTS.md, "Tuned fairly", stage 2; the
+dev test, stage 3, is running). Run the difference estimator in fp32: bf16 and TF32 round
 such noise away (numerics.numeric_recipe); the jvp estimator may run in bf16.
 """
 import math
