@@ -205,7 +205,7 @@ def signature(cell: dict, ft: dict) -> dict:
 
     Each side's means and std are over its own seeds (unpaired, as Tables 1 and 3 show them);
     rules 1 and 2 below use the paired differences instead. The gap is signed, train - dev."""
-    mean = lambda d: sum(d.values()) / len(d)
+    mean = lambda d: evaluate.describe(list(d.values()))["mean"]      # the statistics Table 1's rows use
     std = lambda d: evaluate.describe(list(d.values()))["std"]
     value = {"a": lambda c: mean(c["train"]),                       # (a) train metric: lower
              "b": lambda c: mean(c["dev"]),                         # (b) dev mean: higher
