@@ -3,9 +3,9 @@
     python train.py --task cola                                  # the paper's setup (BERT-Large, LNSR)
     python train.py --task rte --model minilm-l6 --methods ft,lnsr --seeds 1-3   # CPU quick start
 
-Read top to bottom: the paper's recipe (`TrainConfig`), then `train_one`, one run: data, model,
-method, and the loop of Algorithm 1, whose line numbers the comments give. The rest of the
-command lives beside this file, each module with one job, imported one way:
+Read top to bottom: the paper's recipe (`TrainConfig`), then `train_one`, one run: data, model
+(`initial_model`, line 1), method, and the loop of Algorithm 1, whose line numbers the comments
+give. The rest of the command lives beside this file, each module with one job, imported one way:
 
     cli.py        the flags (every default below is one), checks that refuse bad values
     sweep.py      the runs of a command: methods x seeds, claims, resuming, status lines
@@ -85,8 +85,6 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     share of every batch, and rank 0 alone evaluates and writes. A run with a checkpoint.pt goes
     on from it (checkpoint.py); with `stop` (a checkpoint.StopRequest), a signal makes it save a
     checkpoint at the end of the step and raise checkpoint.RunStopped."""
-    from bert.model import BertClassifier
-
     settings = run_settings(args, spec, method_name, seed)
     data_seed, init_seed = settings["data_seed"], settings["init_seed"]
     method_cls, options = method_options(method_name, args)
@@ -111,16 +109,9 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     # the streams of a serial run.
     per_rank = () if ranks.world == 1 else (ranks.rank,)
 
-    # Algorithm 1, line 1: initialize theta (the pretrained encoder, a new classifier head).
-    torch.manual_seed(stream_seed(seed, "dropout"))          # dropout draws from the global RNG
-    model = BertClassifier(data.pretrained.config, spec.num_labels)
-    model.load_state_dict(data.pretrained.state_dict())
-    model.load_report = data.pretrained.load_report      # which weights the checkpoint lacked (L2-SP)
-    model.init_head(torch.Generator().manual_seed(stream_seed(init_seed, "head")))
-    model.to(device)
     method = method_cls(options)
-    model.bert.cls_only_last_layer = not method.reads_hidden_states
-    method.setup(model, stream_seed(seed, "noise", *per_rank))
+    # Algorithm 1, line 1: initialize theta (the pretrained encoder, a new classifier head).
+    model = initial_model(data, spec, method, seed, init_seed, device, per_rank)
 
     train_sample = None
     if args.curves:                      # the same training examples at every epoch's end
@@ -287,6 +278,21 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
     checkpoint.remove(run_dir)
     ranks.barrier()
     return results
+
+
+def initial_model(data, spec, method, seed: int, init_seed: int, device, per_rank=()):
+    """Algorithm 1, line 1: initialize theta, the pretrained encoder and a new classifier head,
+    with the method set up on it (its noise stream, Mixout's layers, L2-SP's anchor)."""
+    from bert.model import BertClassifier
+    torch.manual_seed(stream_seed(seed, "dropout"))          # dropout draws from the global RNG
+    model = BertClassifier(data.pretrained.config, spec.num_labels)
+    model.load_state_dict(data.pretrained.state_dict())
+    model.load_report = data.pretrained.load_report      # which weights the checkpoint lacked (L2-SP)
+    model.init_head(torch.Generator().manual_seed(stream_seed(init_seed, "head")))
+    model.to(device)
+    model.bert.cls_only_last_layer = not method.reads_hidden_states
+    method.setup(model, stream_seed(seed, "noise", *per_rank))
+    return model
 
 
 def first_step_problem(model, batch, loss, penalty, method_name, options) -> str:
