@@ -7,6 +7,7 @@
     python evaluate.py summarize runs --per-run            # ... and every run's score and time
     python evaluate.py boxplot runs --output docs/figure2.png   # Figure 2 (needs matplotlib)
     python evaluate.py noise-stability --model minilm-l6 --task mrpc   # Figure 1 (see analysis.py)
+    python evaluate.py penalty-size --task rte --vary lnsr-sigma 1e-4 1e-3   # where sigma puts the penalty
 
 The summary reads every <task>/<method>/seed<N>/results.json below the folder. Per task and
 method it gives n, mean, std (sample standard deviation, ddof = 1), median, min, max of the
@@ -28,7 +29,7 @@ from bert.errors import InputError, existing_folder
 from run_records import legacy_method_options, one_answer, parse_seeds, scored_set, seed_folder, with_legacy_settings
 from workers import describe_claim, read_claim
 
-SUBCOMMANDS = ("summarize", "boxplot", "curves", "dose", "noise-stability")
+SUBCOMMANDS = ("summarize", "boxplot", "curves", "dose", "noise-stability", "penalty-size")
 PAPER_TASK_ORDER = ["RTE", "MRPC", "CoLA", "STS-B"]
 REQUIRED_KEYS = ("task", "method", "seed", "metric")     # and the scored set's metrics (run_records.scored_set)
 # The settings of a run (train.py flags, from its config.json) that change what its score means.
@@ -561,6 +562,7 @@ def run_parser():
               "       %(prog)s dose DIR [DIR ...] [--output OUTPUT] [--title TITLE] [--baseline BASELINE]\n"
               "                   [--seeds SEEDS]\n"
               "       %(prog)s noise-stability [--model MODEL] [--run RUN] [--task TASK] [options]\n"
+              "       %(prog)s penalty-size --task TASK [--vary FLAG VALUE ...] [--batches K] [train.py flags]\n"
               "       %(prog)s SUBCOMMAND --help",
         description="Re-evaluate a run saved with train.py --save-model (below), or one of:\n"
                     "  summarize DIR...     Table 1: mean, std, max over seeds, Welch and paired p-values\n"
@@ -568,6 +570,7 @@ def run_parser():
                     "  curves DIR           Figure 3: learning curves of runs made with --curves (matplotlib)\n"
                     "  dose DIR             score against the penalty's size at the start (matplotlib)\n"
                     "  noise-stability      Figure 1: how injected noise spreads through the layers\n"
+                    "  penalty-size         a strength's penalty / task loss at the start, without training\n"
                     "`python evaluate.py SUBCOMMAND --help` explains each.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (<output-dir>/<task>/<method>/seed<N>)")
     p.add_argument("--split", choices=["dev", "test"], default="dev",
@@ -642,6 +645,9 @@ def main(argv=None):
         if argv and argv[0] == "noise-stability":
             import analysis
             return analysis.cmd_noise_stability(argv[1:])
+        if argv and argv[0] == "penalty-size":
+            import penalty_size
+            return penalty_size.cmd_penalty_size(argv[1:])
         return cmd_run(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

