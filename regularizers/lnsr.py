@@ -95,7 +95,8 @@ noise only: no sigma measurably beat plain fine-tuning there, and 0.001 and abov
 "sum" the penalty grows with the number of tokens, the width H and the number of layers, so for
 BERT-Large it is not a tuned value. Choose it on held-out training data (`train.py --holdout`)
 by the penalty's size against the task loss at the start, logged from the first step and drawn
-by `evaluate.py dose`: on MiniLM-L6 at a recipe tuned for it (AdamW, lr 5e-5, 6 epochs), no
+by `evaluate.py dose`, and measured before any run by `evaluate.py penalty-size --vary
+lnsr-sigma ...` (penalty_size.py): on MiniLM-L6 at a recipe tuned for it (AdamW, lr 5e-5, 6 epochs), no
 strength of either reading beat ft on held-out RTE and CoLA, and from a few percent of the loss
 on both readings cost 9 to 16 points or stopped learning (docs/RESULTS.md, "Tuned fairly", stage 2; the
 dev test, stage 3, is running). Run the difference estimator in fp32: bf16 and TF32 round

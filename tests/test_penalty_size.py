@@ -116,3 +116,28 @@ def test_a_measurement_writes_no_file(model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     measured(capsys, model_dir, "--method", "lnsr", "--batches", "1", "--output-dir", "runs")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_penalty_size_command_in_the_docs_is_valid(monkeypatch):
+    """The commands USAGE.md, RESULTS.md and README.md show (loops and variables expanded) parse
+    and pass train.py's checks, without loading a model: a BERT-Large one is for a GPU."""
+    import re
+    import shlex
+
+    import cli
+    import penalty_size
+    from test_docs_commands import commands
+    root = Path(__file__).resolve().parents[1]
+    usage = (root / "docs" / "USAGE.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    found = [shlex.split(line.split("  #")[0])[3:]
+             for line in re.findall(r"python evaluate\.py penalty-size [^\n`]*", usage)]
+    for report in (root / "docs" / "RESULTS.md", root / "README.md"):
+        found += [argv[2:] for argv in commands(report) if argv[:2] == ["evaluate.py", "penalty-size"]]
+    assert len(found) >= 7
+    monkeypatch.chdir(root)
+    for argv in found:
+        own, rest = penalty_size.parser().parse_known_args(argv)
+        measured = penalty_size.settings_to_measure(rest, own.vary, cli.build_parser(train.TrainConfig()))
+        assert len(measured) == len(own.vary) - 1
+        for _, args in measured:
+            cli.check_args(args)
