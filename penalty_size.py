@@ -33,7 +33,14 @@ import math
 
 import torch
 
+import glue
+import train
 from bert.errors import InputError
+from cli import build_parser, check_args, default_model, method_options, replace_flag, run_settings
+from numerics import apply_recipe, autocast, native_bf16, numeric_recipe, pick_device
+from progress import StatusLine
+from scoring import MODEL_INPUTS, task_loss, to_device
+from sweep import load_data
 
 DEFAULT_BATCHES = 8
 
@@ -41,12 +48,6 @@ DEFAULT_BATCHES = 8
 def measure(args, spec, data, method_name: str, seed: int, batches: int) -> dict:
     """The task loss and the penalty at theta_0 on each of the first `batches` training batches,
     computed as train.py's steps compute them (no update between batches)."""
-    import glue
-    import train
-    from cli import method_options, run_settings
-    from numerics import autocast
-    from scoring import MODEL_INPUTS, task_loss, to_device
-
     settings = run_settings(args, spec, method_name, seed)
     method_cls, options = method_options(method_name, args)
     method = method_cls(options)
@@ -104,7 +105,6 @@ def settings_to_measure(train_argv, vary, train_parser) -> list:
     if action is None or "__" not in action.dest or action.nargs == 0:
         raise InputError(f"--vary {flag.removeprefix('--')}: give a method's flag that takes a value, "
                          "e.g. lnsr-sigma, lnsr-weights, noise-sigma (python train.py --help lists them)")
-    from cli import replace_flag
     return [(value, train_parser.parse_args(replace_flag(train_argv, flag, value))) for value in values]
 
 
@@ -123,13 +123,6 @@ def markdown(rows, varied: str) -> str:
 
 
 def cmd_penalty_size(argv) -> int:
-    import glue
-    import train
-    from cli import build_parser, check_args, default_model, method_options
-    from numerics import apply_recipe, native_bf16, numeric_recipe, pick_device
-    from progress import StatusLine
-    from sweep import load_data
-
     own, train_argv = parser().parse_known_args(argv)
     if own.batches < 1:
         raise InputError(f"--batches must be >= 1, got {own.batches}")
