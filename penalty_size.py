@@ -137,6 +137,11 @@ def cmd_penalty_size(argv) -> int:
         raise InputError("penalty-size measures one method at one seed: give --method and --seed, "
                          "and --vary for several strengths")
     method_name = first.method or "lnsr"
+    if own.vary:
+        owner = train_parser._option_string_actions["--" + own.vary[0].removeprefix("--")].dest.split("__")[0]
+        if owner != method_name:
+            raise InputError(f"--vary {own.vary[0].removeprefix('--')} is a flag of {owner}, "
+                             f"but the method measured is {method_name} (--method {owner}?)")
     seed = first.seed if first.seed is not None else 1
     spec = glue.get_task(first.task)
     device = pick_device(first.device)

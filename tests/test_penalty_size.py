@@ -107,9 +107,12 @@ def test_bad_input_is_one_line_and_writes_nothing(model_dir, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_several_methods_are_one_line_too(model_dir, capsys):
+def test_several_methods_or_another_method_s_flag_are_one_line_too(model_dir, capsys):
     assert evaluate.main(["penalty-size", *flags(model_dir, "--methods", "ft,lnsr")]) == 2
     assert "one method at one seed" in capsys.readouterr().err
+    assert evaluate.main(["penalty-size", *flags(model_dir, "--method", "ft", "--vary", "lnsr-sigma", "1e-4")]) == 2
+    assert capsys.readouterr().err == ("error: --vary lnsr-sigma is a flag of lnsr, but the method measured is ft "
+                                       "(--method lnsr?)\n")
 
 
 def test_a_measurement_writes_no_file(model_dir, tmp_path, monkeypatch, capsys):
