@@ -268,6 +268,27 @@ def planned_steps(args, n_train_full: int) -> int:
     return max(1, math.ceil(math.ceil(n / args.batch_size) * args.epochs))
 
 
+def check_command(args) -> tuple:
+    """The checks of a command's flags that need no model or data, and what they settle: the
+    task's spec, the device and the model (the default one with a line saying so, or None)."""
+    check_args(args)
+    if args.deterministic and not args.dry_run:
+        make_deterministic()
+    spec = glue.get_task(args.task)
+    for split in ("train",) if args.holdout else ("train", "dev"):   # AX is test-only: say so now
+        spec.split_layout(split)
+    device = pick_device(args.device)
+    if args.data_parallel and args.dropout_stream != "step":
+        raise InputError("--data-parallel needs --dropout-stream step (each rank seeds its own "
+                         "dropout at every step)")
+    # The world size each run records: torchrun's, which the process group will have.
+    args.data_parallel_ranks = int(os.environ.get("WORLD_SIZE", 1)) if args.data_parallel else 1
+    model_note = None
+    if args.model is None:
+        args.model, model_note = default_model(device)
+    return spec, device, model_note
+
+
 def run_command(args, argv, stop, train_one, restart=False) -> int:
     """train.main() with the signal handlers in place: every run of the command, each trained by
     `train_one` (train.py). Returns the exit status. With `restart` (train.py started as a
@@ -275,21 +296,7 @@ def run_command(args, argv, stop, train_one, restart=False) -> int:
     with glibc's caches of small blocks off (numerics.restart_without_small_block_caches)."""
     status = StatusLine()
     try:
-        check_args(args)
-        if args.deterministic and not args.dry_run:
-            make_deterministic()
-        spec = glue.get_task(args.task)
-        for split in ("train",) if args.holdout else ("train", "dev"):   # AX is test-only: say so now
-            spec.split_layout(split)
-        device = pick_device(args.device)
-        if args.data_parallel and args.dropout_stream != "step":
-            raise InputError("--data-parallel needs --dropout-stream step (each rank seeds its own "
-                             "dropout at every step)")
-        # The world size each run records: torchrun's, which the process group below will have.
-        args.data_parallel_ranks = int(os.environ.get("WORLD_SIZE", 1)) if args.data_parallel else 1
-        model_note = None
-        if args.model is None:
-            args.model, model_note = default_model(device)
+        spec, device, model_note = check_command(args)
         variants = parse_methods(args.methods or args.method or "lnsr")
         # Unknown names and bad values fail before any work; then one recipe for every arm.
         arms = [method_cls(options) for method_cls, options in (method_options(m, args) for m, _ in variants)]

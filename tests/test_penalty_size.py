@@ -42,22 +42,45 @@ METHODS = {
     "two-pass": ["--method", "lnsr", "--lnsr-dropout", "independent", "--lnsr-reduction", "mean",
                  "--lnsr-weights", "0.1"],
     "smart": ["--method", "smart"],              # its penalty needs gradients: measured with them on
+    "r3f": ["--method", "r3f"],
+    "lnsr, one dropout stream per run": ["--method", "lnsr", "--lnsr-sigma", "0.01", "--dropout-stream", "run"],
+    "two-pass, one dropout stream per run": ["--method", "lnsr", "--lnsr-dropout", "independent",
+                                             "--dropout-stream", "run"],
+    "lnsr, own data and head seeds, held out": ["--method", "lnsr", "--lnsr-sigma", "0.01", "--data-seed", "7",
+                                                "--init-seed", "9", "--holdout", "0.2"],
 }
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_batch_one_is_train_py_s_step_one(model_dir, tmp_path, capsys, method):
+def test_every_batch_is_train_py_s_step_at_theta_0(model_dir, tmp_path, capsys, method):
+    """train.py at lr 1e-30 keeps theta_0 to the last bit (every update is below the weights'
+    rounding), so its steps 1-3 are what this command measures on batches 1-3."""
     extra = [*METHODS[method], "--seed", "3"]
-    [row] = measured(capsys, model_dir, *extra, "--batches", "2")
+    [row] = measured(capsys, model_dir, *extra, "--batches", "3")
     out = tmp_path / "runs"
-    assert train.main(flags(model_dir, *extra, "--epochs", "1", "--log-every", "1", "--output-dir", str(out))) == 0
+    assert train.main(flags(model_dir, *extra, "--epochs", "1", "--log-every", "1", "--lr", "1e-30",
+                            "--output-dir", str(out))) == 0
     capsys.readouterr()
     run = next(out.glob("RTE/*/seed3"))
-    step1 = json.loads((run / "log.jsonl").read_text().splitlines()[0])
-    assert step1["step"] == 1
-    assert row["per_batch"]["loss"][0] == step1["loss"]
-    assert row["per_batch"]["penalty"][0] == step1["penalty"]
-    assert (row["penalty"] > 0) == (method != "ft")
+    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()[:3]]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert row["per_batch"]["loss"] == [s["loss"] for s in steps]
+    assert row["per_batch"]["penalty"] == [s["penalty"] for s in steps]
+    assert (row["penalty"] > 0) == (not method.startswith("ft"))
+    assert row["precision"] == json.loads((run / "config.json").read_text())["settings"]["precision"]
+
+
+def test_each_value_is_measured_in_the_precision_train_py_gives_it(model_dir, capsys, monkeypatch):
+    """On a CPU with native bf16, `auto` gives the jvp estimator bf16 and the difference fp32
+    (numerics.numeric_recipe): --vary across the two must not put both in one recipe."""
+    import penalty_size
+    monkeypatch.setattr(penalty_size, "native_bf16", lambda device: True)
+    both = measured(capsys, model_dir, "--method", "lnsr", "--vary", "lnsr-estimator", "jvp", "difference",
+                    "--batches", "1")
+    assert [r["precision"] for r in both] == ["bf16", "fp32"]
+    for row, estimator in zip(both, ("jvp", "difference")):
+        [alone] = measured(capsys, model_dir, "--method", "lnsr", "--lnsr-estimator", estimator, "--batches", "1")
+        assert (alone["precision"], alone["loss"], alone["penalty"]) == (row["precision"], row["loss"], row["penalty"])
 
 
 def test_the_penalty_is_linear_in_lambda_and_quadratic_in_small_sigma(model_dir, capsys):
@@ -84,8 +107,8 @@ def test_it_measures_the_batches_asked_for_and_no_more_than_there_are(model_dir,
     assert evaluate.main(["penalty-size", *flags(model_dir, "--method", "lnsr", "--vary", "lnsr-sigma",
                                                   "1e-4", "1e-3")]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| method | lnsr-sigma | batches |") and len(table) == 4
-    assert table[2].startswith("| lnsr | 1e-4 | 3 |") and table[3].startswith("| lnsr | 1e-3 | 3 |")
+    assert table[0].startswith("| method | lnsr-sigma | precision | batches |") and len(table) == 4
+    assert table[2].startswith("| lnsr | 1e-4 | fp32 | 3 |") and table[3].startswith("| lnsr | 1e-3 | fp32 | 3 |")
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -98,6 +121,12 @@ def test_it_measures_the_batches_asked_for_and_no_more_than_there_are(model_dir,
     (["--batches", "0"], "--batches must be >= 1"),
     (["--epochs", "-1"], "--epochs must be > 0"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--vary"], "--vary: expected at least one argument"),
+    (["--batches", "x"], "--batches: invalid int value: 'x'"),
+    (["--vary", "lnsr-sigma", "1e-4", "--vary", "lnsr-layer", "2"], "give --vary once"),
+    (["--data-parallel"], "in one process"),
+    (["--task", "ax"], "AX"),
+    (["--task", "nosuch"], "nosuch"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(model_dir, tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.chdir(tmp_path)
@@ -122,12 +151,12 @@ def test_a_measurement_writes_no_file(model_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_every_penalty_size_command_in_the_docs_is_valid(monkeypatch):
-    """The commands USAGE.md, RESULTS.md and README.md show (loops and variables expanded) parse
-    and pass train.py's checks, without loading a model: a BERT-Large one is for a GPU."""
+    """The commands USAGE.md, RESULTS.md and README.md show (loops and variables expanded) pass
+    every check the command makes before loading a model (a BERT-Large one is for a GPU)."""
+    import itertools
     import re
     import shlex
 
-    import cli
     import penalty_size
     from test_docs_commands import commands
     root = Path(__file__).resolve().parents[1]
@@ -139,8 +168,6 @@ def test_every_penalty_size_command_in_the_docs_is_valid(monkeypatch):
     assert len(found) >= 7
     monkeypatch.chdir(root)
     for argv in found:
-        own, rest = penalty_size.parser().parse_known_args(argv)
-        measured = penalty_size.settings_to_measure(rest, own.vary, cli.build_parser(train.TrainConfig()))
-        assert len(measured) == len(own.vary) - 1
-        for _, args in measured:
-            cli.check_args(args)
+        todo = penalty_size.plan(argv)
+        values = list(itertools.takewhile(lambda a: not a.startswith("--"), argv[argv.index("--vary") + 2:]))
+        assert [value for value, _ in todo.measured] == values
