@@ -30,6 +30,7 @@ model, not to choose a strength by itself.
 """
 import argparse
 import json
+import time
 from dataclasses import dataclass
 
 import torch
@@ -39,16 +40,17 @@ import train
 from bert.errors import InputError
 from cli import build_parser, method_options, replace_flag, run_settings
 from numerics import apply_recipe, autocast, native_bf16, numeric_recipe
-from progress import StatusLine
+from progress import StatusLine, format_seconds
 from scoring import MODEL_INPUTS, task_loss, to_device
 from sweep import check_command, load_data
 
 DEFAULT_BATCHES = 8
 
 
-def measure(args, spec, data, method_name: str, seed: int, batches: int) -> dict:
+def measure(args, spec, data, method_name: str, seed: int, batches: int, on_batch=lambda done, total: None) -> dict:
     """The task loss and the penalty at theta_0 on each of the first `batches` training batches,
-    computed as train.py's steps compute them (no update between batches). Gradients stay on:
+    computed as train.py's steps compute them (no update between batches); on_batch(done, total)
+    is called after each. Gradients stay on:
     some penalties take one inside (SMART's ascent step), and train.py's values are the ones wanted."""
     settings = run_settings(args, spec, method_name, seed)
     method_cls, options = method_options(method_name, args)
@@ -59,7 +61,8 @@ def measure(args, spec, data, method_name: str, seed: int, batches: int) -> dict
                                   train.stream_seed(settings["data_seed"], "subset"))
     plan = glue.batches(train_set, args.batch_size, seed=train.stream_seed(settings["data_seed"], "order"), epoch=0)
     losses, penalties = [], []
-    for step, batch in enumerate(plan[:batches]):
+    plan = plan[:batches]
+    for step, batch in enumerate(plan):
         batch = to_device(batch, data.device)
         if args.dropout_stream == "step":                  # as train.py's step `step`
             torch.manual_seed(train.stream_seed(seed, "dropout", step))
@@ -70,6 +73,7 @@ def measure(args, spec, data, method_name: str, seed: int, batches: int) -> dict
         losses.append(loss.item())
         penalties.append(0.0 if penalty is None else penalty.item())
         del outputs, loss, penalty
+        on_batch(step + 1, len(plan))
     loss, penalty = sum(losses) / len(losses), sum(penalties) / len(penalties)
     return {"method": method_name, "method_options": settings["method_options"], "seed": seed,
             "batches": len(losses), "loss": loss, "penalty": penalty,
@@ -180,14 +184,23 @@ def cmd_penalty_size(argv) -> int:
     if first.threads:
         torch.set_num_threads(first.threads)
     data = load_data(first, todo.spec, todo.device, status, argv)
-    rows = []
+    rows, started, finished_batches = [], time.time(), 0
     for i, (value, args) in enumerate(todo.measured, start=1):
         cls, options = method_options(todo.method, args)
         cls(options).check(data.pretrained.config)
-        status.status(f"measuring {todo.method}{f' at --{todo.varied} {value}' if todo.varied else ''} "
-                      f"({i} of {len(todo.measured)}) on {todo.batches} batches ...", force=True)
+        what = f"{todo.method}{f' at --{todo.varied} {value}' if todo.varied else ''} ({i} of {len(todo.measured)})"
+
+        def progress(done, total):
+            # Every value costs about the same: the seconds per batch so far price the rest.
+            elapsed = time.time() - started
+            left = elapsed / (finished_batches + done) * ((len(todo.measured) - i) * total + total - done)
+            status.status(f"measuring {what}: batch {done}/{total} | elapsed {format_seconds(elapsed)}, "
+                          f"all done in about {format_seconds(left)}", force=done == total)
+
+        status.status(f"measuring {what} ...", force=True)
         apply_recipe(args.recipe)
-        row = measure(args, todo.spec, data, todo.method, todo.seed, todo.batches)
+        row = measure(args, todo.spec, data, todo.method, todo.seed, todo.batches, on_batch=progress)
+        finished_batches += row["batches"]
         rows.append({todo.varied: value, **row} if todo.varied else row)
     status.end()
     print(json.dumps(rows, indent=2) if todo.as_json else markdown(rows, todo.varied))

@@ -101,7 +101,12 @@ def test_it_measures_the_batches_asked_for_and_no_more_than_there_are(model_dir,
     assert row["loss"] == pytest.approx(sum(row["per_batch"]["loss"]) / 3)
     assert evaluate.main(["penalty-size", *flags(model_dir, "--method", "lnsr", "--vary", "lnsr-sigma",
                                                   "1e-4", "1e-3")]) == 0
-    table = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr()
+    # Progress on stderr, a line at each value's last batch with the time left for all of them.
+    done = [line for line in printed.err.splitlines() if ": batch 3/3 |" in line]
+    assert len(done) == 2 and done[0].startswith("measuring lnsr at --lnsr-sigma 1e-4 (1 of 2)")
+    assert done[1].endswith("all done in about 0:00")
+    table = printed.out.splitlines()
     assert table[0].startswith("| method | lnsr-sigma | precision | batches |") and len(table) == 4
     assert table[2].startswith("| lnsr | 1e-4 | fp32 | 3 |") and table[3].startswith("| lnsr | 1e-3 | fp32 | 3 |")
 
