@@ -49,9 +49,9 @@ DEFAULT_BATCHES = 8
 
 def measure(args, spec, data, method_name: str, seed: int, batches: int, on_batch=lambda done, total: None) -> dict:
     """The task loss and the penalty at theta_0 on each of the first `batches` training batches,
-    computed as train.py's steps compute them (no update between batches); on_batch(done, total)
-    is called after each. Gradients stay on:
-    some penalties take one inside (SMART's ascent step), and train.py's values are the ones wanted."""
+    computed as train.py's steps compute them, with no update between batches; on_batch(done,
+    total) is called after each. Gradients stay on: some penalties take a gradient inside (SMART's
+    ascent step), and the values wanted are train.py's."""
     settings = run_settings(args, spec, method_name, seed)
     method_cls, options = method_options(method_name, args)
     method = method_cls(options)
@@ -59,9 +59,10 @@ def measure(args, spec, data, method_name: str, seed: int, batches: int, on_batc
     model.train()
     train_set = data.train.subset(args.max_train_samples, args.train_fraction,
                                   train.stream_seed(settings["data_seed"], "subset"))
-    plan = glue.batches(train_set, args.batch_size, seed=train.stream_seed(settings["data_seed"], "order"), epoch=0)
+    first_epoch = glue.batches(train_set, args.batch_size, seed=train.stream_seed(settings["data_seed"], "order"),
+                               epoch=0)
+    plan = first_epoch[:batches]
     losses, penalties = [], []
-    plan = plan[:batches]
     for step, batch in enumerate(plan):
         batch = to_device(batch, data.device)
         if args.dropout_stream == "step":                  # as train.py's step `step`
