@@ -170,9 +170,9 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
                     # below the last layer, and their scores can be compared seed by seed.
                     torch.manual_seed(stream_seed(seed, "dropout", step, *per_rank))
                 with autocast(device, settings["precision"]):
-                    outputs = forward(*(batch[k] for k in MODEL_INPUTS))       # line 7: f(x), the clean pass
+                    outputs = forward(*(batch[k] for k in MODEL_INPUTS))       # line 8: f(x), the clean pass
                     loss = task_loss(outputs.logits, batch["labels"], spec.is_regression)   # L(f(x), y)
-                    # Lines 4-11: R-hat. LNSR draws eps, runs f(x + eps) and sums the layers'
+                    # Lines 4-12: R-hat. LNSR draws eps, runs f(x + eps) and sums the layers'
                     # lambda ||f(x + eps) - f(x)||^2 (regularizers/lnsr.py); other methods
                     # return their own penalty, ft none.
                     penalty = method.penalty(model, batch, outputs)
@@ -183,9 +183,9 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
                     raise RunFailed(reason)
                 if weight != 1.0:                # a data-parallel rank's share of the batch mean
                     total = total * weight
-                total.backward()                                  # line 12: g = grad [L + R-hat]
+                total.backward()                                  # line 13: g = grad [L + R-hat]
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()                                  # line 13: theta <- theta - tau g (Adam)
+                optimizer.step()                                  # line 14: theta <- theta - tau g (Adam)
                 method.after_step(model)
                 scheduler.step()
                 step += 1

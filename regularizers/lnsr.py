@@ -5,10 +5,12 @@ With x^b the input of layer b (b = 1: the embedding output) and f^{b,r} the laye
     eps ~ N(0, sigma^2)  element-wise, same shape as x^b                     (Alg. 1, line 6)
     R = sum_{r=b..L} lambda_r * || f^{b,r}(x^b + eps) - f^{b,r}(x^b) ||^2     (Eq. 2, line 10)
 
-per example, averaged over the batch together with the task loss (line 13; we read R inside
-the batch average, as the loss is), and added to the task loss. The paper uses lambda_r = 1 for
-every r (Section 5.4) and injects noise "at the first layer" (Section 4.4), which we read as
-b = 1: noise on the embedding output, the input of layer 1.
+per example, averaged over the batch together with the task loss, and added to it (line 13).
+Read literally, line 13 adds the whole batch's sum R-hat to every example's term, |B| times our
+mean. We read R inside the batch average, as the loss is; under the literal reading the
+paper's lambda_r = 1 would be our lambda_r = |B|: a constant factor that the strength absorbs.
+The paper uses lambda_r = 1 for every r (Section 5.4) and injects noise "at the first layer"
+(Section 4.4), which we read as b = 1: noise on the embedding output, the input of layer 1.
 
 Dropout in the noisy pass: two readings. The model is in training mode, so f^{b,r} carries
 dropout masks m. The paper's Eq. 3 treats f as deterministic and never says which masks the
@@ -96,11 +98,12 @@ noise only: no sigma measurably beat plain fine-tuning there, and 0.001 and abov
 BERT-Large it is not a tuned value. Choose it on held-out training data (`train.py --holdout`)
 by the penalty's size against the task loss at the start, logged from the first step and drawn
 by `evaluate.py dose`, and measured before any run by `evaluate.py penalty-size --vary
-lnsr-sigma ...` (penalty_size.py): on MiniLM-L6 at a recipe tuned for it (AdamW, lr 5e-5, 6 epochs), no
-strength of either reading beat ft on held-out RTE and CoLA, and from a few percent of the loss
-on both readings cost 9 to 16 points or stopped learning (docs/RESULTS.md, "Tuned fairly", stage 2; the
-dev test, stage 3, is running). Run the difference estimator in fp32: bf16 and TF32 round
-such noise away (numerics.numeric_recipe); the jvp estimator may run in bf16.
+lnsr-sigma ...` (penalty_size.py): on MiniLM-L6 at a recipe tuned for it (AdamW, lr 5e-5,
+6 epochs), no strength of either reading beat ft on held-out RTE and CoLA, and from a few
+percent of the loss on both readings cost 9 to 22 points on a task or stopped learning
+(docs/RESULTS.md, "Tuned fairly", stage 2; the dev test, stage 3, is running). Run the
+difference estimator in fp32: bf16 and TF32 round such noise away (numerics.numeric_recipe);
+the jvp estimator may run in bf16.
 """
 import math
 from dataclasses import dataclass, field
@@ -243,7 +246,10 @@ class LNSR(Regularizer):
             else:                                                                 # J^{b,r}(x^b) eps
                 deltas = jacobian_vector_products(model.bert, x_b, eps, outputs.attn_mask, b)
         token_mask = batch["attention_mask"][:, :, None].to(x_b.dtype)            # (B, T, 1)
-        R = 0.0
-        for lambda_r, delta_r in zip(self.lambdas, deltas):
-            R = R + lambda_r * squared_norm(delta_r, token_mask, o.reduction)
-        return R.mean()                                                           # over the batch
+        R = 0.0                                                                   # line 4: R-hat <- 0
+        for lambda_r, delta_r in zip(self.lambdas, deltas):                       # lines 9-11
+            R = R + lambda_r * squared_norm(delta_r, token_mask, o.reduction)     # (B,)
+        # Line 13 averages over the batch; read literally it adds the batch's sum R-hat to every
+        # example's term, |B| times this mean. We average R as the loss is: the factor |B| is a
+        # constant that lambda_r absorbs.
+        return R.mean()
