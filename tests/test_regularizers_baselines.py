@@ -243,6 +243,69 @@ def test_smart_ascent_step_increases_the_divergence():
         assert div(delta_adv) > div(delta_random)
 
 
+def sym_kl_torch(a, b, detach_targets):
+    """KL(P||Q) + KL(Q||P) of softmax(a), softmax(b), written out, mean over the batch; with
+    detach_targets the first argument of each KL is a constant."""
+    log_p, log_q = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+    tp, tq = (log_p.detach(), log_q.detach()) if detach_targets else (log_p, log_q)
+    return ((tp.exp() * (tp - log_q)).sum(-1) + (tq.exp() * (tq - log_p)).sum(-1)).mean()
+
+
+def test_smart_ascent_is_k_normalised_gradient_steps_from_the_random_start():
+    """delta_{k+1} = delta_k + eta g_k / (||g_k||_inf per token + eps_n), g_k the gradient of
+    l_s(f(x), f(x + delta_k)) in delta, from delta_0 = sigma N(0, 1): K = 2 steps by hand."""
+    model = tiny_model(dropout=0.0).double().train()
+    # Large steps, so that l_s is not a difference of nearly equal log-probabilities (it is fp32).
+    method = smart(model, proximal=False, steps=2, step_size=0.2, noise_std=0.2)
+    batch = tiny_batch()
+    outputs = forward(model, batch)
+    method.generator.manual_seed(11)
+    delta_K = method.adversarial_delta(model, batch, outputs.logits)
+
+    clean, x1 = outputs.logits.detach(), outputs.hidden_states[0].detach()
+    delta = 0.2 * torch.randn(x1.shape, generator=torch.Generator().manual_seed(11)).double()
+    for _ in range(2):
+        delta.requires_grad_()
+        g, = torch.autograd.grad(sym_kl_torch(clean, head_from_x1(model, x1 + delta, batch), False), delta)
+        per_token = g.abs().max(dim=-1, keepdim=True).values                  # (B, T, 1)
+        delta = (delta + 0.2 * g / (per_token + 1e-6)).detach()
+    # delta and g are fp32 (delta_0 is drawn in fp32), the model's passes fp64.
+    torch.testing.assert_close(delta_K.double(), delta, rtol=1e-5, atol=1e-8)
+    # Each step moves every real token by eta in its largest coordinate (padding gets no
+    # gradient): the steps are not negligible.
+    moved = (delta_K - 0.2 * torch.randn(x1.shape, generator=torch.Generator().manual_seed(11))).abs().amax(-1)
+    assert moved[batch["attention_mask"].bool()].min() > 0.2
+
+
+def test_smart_smoothness_term_sends_each_kl_gradient_through_its_second_argument_only():
+    """R_s = l_s(f(x), f(x + delta)) with each KL's target a constant (mt-dnn's SymKlCriterion):
+    every parameter's gradient equals the one of that formula written out, and differs from the
+    full gradient of l_s."""
+    model = tiny_model(dropout=0.0).double().train()
+    method = smart(model, proximal=False, weight=0.7, step_size=0.3, noise_std=0.3)
+    batch = tiny_batch()
+    method.generator.manual_seed(3)
+    outputs = forward(model, batch)
+    method.penalty(model, batch, outputs).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    def by_hand(detach_targets):
+        model.zero_grad()
+        method.generator.manual_seed(3)
+        outputs = forward(model, batch)
+        delta = method.adversarial_delta(model, batch, outputs.logits)         # a constant
+        adv = head_from_x1(model, outputs.hidden_states[0] + delta, batch)
+        (0.7 * sym_kl_torch(outputs.logits, adv, detach_targets)).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    # l_s is computed in fp32 (regularizers/smart.py::divergence), the written-out one in fp64.
+    scale = max(g.abs().max().item() for g in grads)
+    for got, want in zip(grads, by_hand(detach_targets=True)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * scale)
+    full = by_hand(detach_targets=False)
+    assert max((g - f).abs().max().item() for g, f in zip(grads, full)) > 1e-2 * scale
+
+
 def test_smart_is_exactly_zero_without_perturbation_and_before_the_first_update():
     """delta = 0 (sigma = eta = 0) and teacher = student: both terms vanish in training mode
     when the extra passes replay the clean pass's dropout masks."""
@@ -395,7 +458,28 @@ def test_r3f_matches_the_formula(num_labels, noise):
     assert value.item() == pytest.approx(reference, rel=1e-4)
     model.zero_grad()
     value.backward()
-    assert model.classifier.weight.grad.abs().sum() > 0
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    # Gradients: the noisy pass adds z to a constant copy of the word embeddings (fairseq's
+    # R3F), so the embedding table gets gradient from the clean pass only.
+    def by_hand(detach):
+        model.zero_grad()
+        clean = forward(model, batch).logits
+        words = e.word_embeddings(batch["input_ids"])
+        x = (words.detach() if detach else words) + z + e.token_type_embeddings(batch["token_type_ids"]) \
+            + e.position_embeddings(positions)
+        noisy = head_from_x1(model, e.layer_norm(x), batch)
+        if num_labels == 1:
+            (0.7 * (clean - noisy).pow(2).mean()).backward()
+        else:
+            (0.7 * sym_kl_torch(clean, noisy, detach_targets=False)).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    want = by_hand(detach=True)
+    for name, got in grads.items():
+        torch.testing.assert_close(got, want[name], rtol=1e-4, atol=1e-7, msg=name)
+    table = "bert.embeddings.word_embeddings.weight"
+    assert (grads[table] - by_hand(detach=False)[table]).abs().max() > 1e-4
 
 
 # ----------------------------------------------------------------------------- registry and CLI
