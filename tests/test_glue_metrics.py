@@ -52,6 +52,25 @@ def test_binary_metrics_match_their_formulas(seed, n):
         scipy.stats.pearsonr(predictions, labels)[0], abs=1e-12)
 
 
+def test_multiclass_mcc_is_the_correlation_of_one_hot_predictions_and_labels():
+    """Gorodkin's R_K written another way (his Eq. 3): with X and Y the one-hot (N, K) matrices
+    of predictions and labels, R_K = cov(X, Y) / sqrt(cov(X, X) cov(Y, Y)), where cov(A, B) is
+    the sum over classes of the covariance of A's and B's columns. For K = 2 it is the binary MCC."""
+    rng = np.random.default_rng(0)
+
+    def one_hot_correlation(predictions, labels, K):
+        X, Y = np.eye(K)[predictions], np.eye(K)[labels]                         # (N, K)
+        cov = lambda A, B: ((A - A.mean(0)) * (B - B.mean(0))).sum()
+        return cov(X, Y) / np.sqrt(cov(X, X) * cov(Y, Y))
+
+    for K in (2, 3, 5):
+        for _ in range(10):
+            labels = rng.integers(0, K, 200)
+            predictions = np.where(rng.random(200) < 0.5, labels, rng.integers(0, K, 200))
+            assert matthews_corrcoef(predictions, labels) == pytest.approx(
+                one_hot_correlation(predictions, labels, K), abs=1e-12)
+
+
 def test_multiclass_mcc_matches_scikit_learn():
     sklearn_metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is not installed")
     rng = np.random.default_rng(0)

@@ -28,12 +28,22 @@ def lnsr_penalty(model, batch, seed=5, **options):
     return method.penalty(model, batch, outputs), outputs
 
 
-def naive_penalty(model, batch, b, sigma, seed=5, lambdas=None, reduction="sum", rng_seed=123):
-    """Two full forward passes with identical dropout masks; eps added to x^b by a hook."""
+def naive_penalty(model, batch, b, sigma, seed=5, lambdas=None, reduction="sum", rng_seed=123,
+                  relative_sigma=None):
+    """Two full forward passes with identical dropout masks; eps added to x^b by a hook. With
+    relative_sigma, token t's noise has norm about relative_sigma * ||x^b_t||: its standard
+    deviation is relative_sigma * ||x^b_t|| / sqrt(H)."""
     torch.manual_seed(rng_seed)
     clean = forward(model, batch).hidden_states
     x_b = clean[b - 1]
-    eps = torch.randn(x_b.shape, generator=torch.Generator().manual_seed(seed), dtype=x_b.dtype) * sigma
+    eps = torch.randn(x_b.shape, generator=torch.Generator().manual_seed(seed), dtype=x_b.dtype)
+    if relative_sigma is None:
+        eps = eps * sigma
+    else:
+        H = x_b.shape[-1]
+        for i in range(x_b.shape[0]):
+            for t in range(x_b.shape[1]):
+                eps[i, t] *= relative_sigma * torch.linalg.vector_norm(x_b[i, t].detach()) / H ** 0.5
     # x^b is the output of the embeddings (b = 1) or of layer b-1.
     module = model.bert.embeddings if b == 1 else model.bert.layers[b - 2]
     hook = module.register_forward_hook(lambda mod, inp, out: out + eps)
@@ -141,11 +151,29 @@ def test_zero_weight_removes_that_layers_term():
     assert R_middle_only.item() > 0
 
 
-def test_relative_sigma_scales_noise_with_the_token_norm():
-    x = torch.randn(2, 7, 64) * torch.tensor([1.0, 10.0])[:, None, None]
+def test_relative_sigma_scales_noise_with_each_token_s_norm():
+    """Token norms spanning a factor of 1000 within each example: every token's noise is the
+    same N(0, 1) draw times 0.05 ||x_t|| / sqrt(H), and its norm is about 5% of the token's."""
+    scales = torch.logspace(-1, 2, 7)                                            # per token
+    x = torch.randn(2, 7, 4096, generator=torch.Generator().manual_seed(1)) * scales[None, :, None]
     eps = lnsr_module.sample_noise(x, 0.0, 0.05, torch.Generator().manual_seed(0))
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    for i in range(2):
+        for t in range(7):
+            expected = z[i, t] * 0.05 * torch.linalg.vector_norm(x[i, t]) / 64
+            torch.testing.assert_close(eps[i, t], expected)
     ratio = eps.norm(dim=-1) / x.norm(dim=-1)                                   # (B, T)
-    assert ratio.mean().item() == pytest.approx(0.05, rel=0.1)
+    assert ratio.min().item() > 0.045 and ratio.max().item() < 0.055         # H = 4096: close to 5%
+
+
+def test_relative_sigma_penalty_equals_two_full_forward_passes():
+    model = tiny_model().train()
+    batch = tiny_batch()
+    torch.manual_seed(123)
+    R, _ = lnsr_penalty(model, batch, layer=2, sigma=0.0, relative_sigma=0.05)
+    reference = naive_penalty(model, batch, 2, sigma=0.0, relative_sigma=0.05)
+    assert R.item() > 0
+    torch.testing.assert_close(R, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_options_are_one_line_errors():
