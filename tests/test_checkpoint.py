@@ -281,3 +281,38 @@ def test_the_optimizer_and_schedule_go_on_from_their_state_dicts(fused):
         step(fresh, fresh_opt, fresh_sched, i)
     for a, b in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("which", [1, 2], ids=["while scoring dev", "while scoring the training set"])
+def test_a_signal_while_evaluating_saves_the_trained_state_and_the_run_ends_the_same(model_dir, tmp_path,
+                                                                                     monkeypatch, capsys, which):
+    """SIGINT at the second batch of the run's first (dev) or second (--eval-train) scoring pass:
+    the command exits 130 with a checkpoint at the last step, and run again it scores from that
+    state, ending as a run never stopped."""
+    extra = [*SHORT, "--method", "lnsr", "--eval-train", "--eval-batch-size", "4"]
+    assert train.main(args(model_dir, tmp_path / "never", *extra)) == 0
+    passes, predict = [], train.predict
+
+    def predict_and_stop(*a, on_batch=None, **k):
+        passes.append(len(passes) + 1)
+        here = passes[-1] == which
+
+        def stop_at_the_second_batch(i, n):
+            if here and i == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            on_batch(i, n)
+        return predict(*a, on_batch=stop_at_the_second_batch, **k)
+
+    monkeypatch.setattr(train, "predict", predict_and_stop)
+    command = args(model_dir, tmp_path / "stopped", *extra)
+    assert train.main(command) == 128 + signal.SIGINT
+    run_dir = run_of(tmp_path / "stopped")
+    assert torch.load(checkpoint.path_of(run_dir), weights_only=False)["step"] == 5     # trained to the end
+    assert not (run_dir / "results.json").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert train.main(command) == 0
+    assert "goes on from its checkpoint at step 5/5" in capsys.readouterr().err
+    assert json.loads((run_dir / "config.json").read_text())["resumed_at_steps"] == [5]
+    assert outcome(run_dir) == outcome(run_of(tmp_path / "never"))
+    assert not checkpoint.path_of(run_dir).exists()
