@@ -24,7 +24,7 @@ reports the same ratio averaged over steps 1..--log-every, while theta moves wit
 this command gives it before any run, for many strengths, in a few forward passes each.
 
 On MiniLM-L6 at the tuned recipe (docs/RESULTS.md, "Tuned fairly", stage 2), strengths whose
-penalty was a few percent of the task loss or more cost 9 to 16 points on held-out data or stopped
+penalty was a few percent of the task loss or more cost 9 to 22 points on held-out data or stopped
 learning, and below 1% none beat ft. Use this to place a held-out grid (`--holdout`) on your own
 model, not to choose a strength by itself.
 """
