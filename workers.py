@@ -242,6 +242,16 @@ def claim_run(run_dir: Path, timeout: float, since: float = 0.0) -> Claim | str:
 
 # ----------------------------------------------------------------------------- data parallel
 
+def weights_fingerprint(model) -> str:
+    """A hash of every parameter's bytes: two ranks' are equal only if their weights are."""
+    import hashlib
+    import torch
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class SingleProcess:
     """The interface of DataParallel for one process: every batch whole, nothing to reduce."""
     rank, world, is_main = 0, 1, True

@@ -269,6 +269,42 @@ def test_data_parallel_with_dropout_runs_every_method_and_keeps_lnsr_sigma_zero_
         assert all(penalty > 0 for _, _, penalty in log) or m in ("mixout", "noise"), m
 
 
+def test_data_parallel_lnsr_with_noise_ends_with_the_same_weights_on_every_rank(tmp_path, model_dir):
+    """sigma > 0: the noisy pass through layers b..L runs beside DistributedDataParallel, and its
+    gradient must be averaged over the ranks with the clean pass's. train.py compares a hash of
+    every rank's weights after training and fails the run if they differ (as they do when the
+    gradients are not averaged: each rank trains on its own half of every batch)."""
+    torchrun(2, tmp_path, "--model", str(model_dir), "--method", "lnsr", "--lnsr-sigma", "0.05", "--seed", "1",
+             "--data-parallel", "--max-train-samples", "12", "--max-eval-samples", "8")
+    results, log, _ = results_of(tmp_path, "lnsr/seed1")
+    assert len(log) == 2 and all(penalty > 0 for _, _, penalty in log)
+    assert not (tmp_path / "RTE" / "lnsr" / "seed1" / "failed.json").exists()
+
+
+def test_ranks_whose_weights_differ_fail_the_run(tmp_path, model_dir, monkeypatch):
+    """The check itself, in one process: ranks that report two fingerprints fail the run in
+    failed.json, and it leaves no results."""
+    import sweep
+    import train
+    import workers
+
+    class TwoRanksThatDisagree(workers.SingleProcess):
+        world = 2
+
+        def local_part(self, batch):
+            return batch, 1.0
+
+        def gather(self, obj):
+            return [obj, "another rank's weights"]
+
+    monkeypatch.setattr(sweep, "SingleProcess", TwoRanksThatDisagree)
+    assert train.main(TINY + ["--model", str(model_dir), "--method", "ft", "--seed", "1", "--max-train-samples", "8",
+                              "--output-dir", str(tmp_path)]) == 1
+    failed = json.loads((tmp_path / "RTE" / "ft" / "seed1" / "failed.json").read_text())
+    assert "ranks' weights differ" in failed["reason"]
+    assert not (tmp_path / "RTE" / "ft" / "seed1" / "results.json").exists()
+
+
 def test_a_data_parallel_run_stopped_by_sigterm_goes_on_from_its_checkpoint_with_the_same_bits(tmp_path,
                                                                                                   model_dir):
     """torchrun passes SIGTERM to every rank; the ranks agree to stop at a log step, rank 0 saves
