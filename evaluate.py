@@ -540,6 +540,10 @@ def draw_curves(runs, args, output):
 
 def draw_dose(runs, args, output):
     import analysis
+    sets = sorted({scored_set(r) for r in runs})
+    if len(sets) > 1:          # held-out scores choose a strength; dev scores are reported
+        raise InputError(f"{', '.join(args.dir)}: the runs are scored on {' and '.join(sets)}; a dose-response "
+                         "figure compares runs scored on one set: give folders of one kind (or --seeds)")
     groups = dose_groups(runs, args.baseline)
     if not groups:
         raise InputError(f"{', '.join(args.dir)}: no run has a log.jsonl to read the penalty from")

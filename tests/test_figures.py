@@ -81,6 +81,17 @@ def test_dose_draws_each_reading_s_strengths_against_the_penalty_ratio(tmp_path)
     assert evaluate.main(["dose", str(tmp_path), "--output", str(tmp_path / "d.png")]) == 0
 
 
+def test_dose_refuses_held_out_and_dev_runs_in_one_figure(tmp_path, capsys):
+    make_run(tmp_path / "held", "RTE", "ft", 1, 0.60, first=(0.7, 0.0))
+    make_run(tmp_path / "held", "RTE", "lnsr", 1, 0.61, first=(0.7, 0.01), options={"sigma": 0.001})
+    make_run(tmp_path / "dev", "RTE", "ft", 1, 0.58, first=(0.7, 0.0), scored="dev")
+    assert evaluate.main(["dose", str(tmp_path), "--output", str(tmp_path / "d.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scored on dev and held_out" in err[0]
+    assert not (tmp_path / "d.png").exists()
+    assert evaluate.main(["dose", str(tmp_path / "held"), "--output", str(tmp_path / "d.png")]) == 0
+
+
 def test_curves_without_curve_lines_is_one_line_exit_2(tmp_path, capsys):
     make_run(tmp_path, "RTE", "ft", 1, 0.6)
     assert evaluate.main(["curves", str(tmp_path)]) == 2
