@@ -172,7 +172,8 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
                 with autocast(device, settings["precision"]):
                     outputs = forward(*(batch[k] for k in MODEL_INPUTS))       # line 8: f(x), the clean pass
                     loss = task_loss(outputs.logits, batch["labels"], spec.is_regression)   # L(f(x), y)
-                    # Lines 4-12: R-hat. LNSR draws eps, runs f(x + eps) and sums the layers'
+                    # Lines 4-12: R-hat (line 8's noisy pass included), averaged over the batch as
+                    # the loss is (R-hat / |B|). LNSR draws eps, runs f(x + eps) and sums the layers'
                     # lambda ||f(x + eps) - f(x)||^2 (regularizers/lnsr.py); other methods
                     # return their own penalty, ft none.
                     penalty = method.penalty(model, batch, outputs)

@@ -202,8 +202,8 @@ class BertModel(nn.Module):
         # someone needs x^{L+1} at every position, the last layer can compute that one position:
         # its keys and values still come from every token, but its query, output projection and
         # feed-forward run on one row instead of T. Same logits and gradients, about 5/6 of one
-        # layer's work saved. Off by default (hidden_states[L] is then (B, 1, H)); train.py turns
-        # it on for methods that read only the logits, and for evaluation.
+        # layer's work saved. Off by default; when on, hidden_states[L] is (B, 1, H). train.py
+        # turns it on for methods that read only the logits, and scoring.logits_of for evaluation.
         self.cls_only_last_layer = False
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> BertOutput:
@@ -214,8 +214,8 @@ class BertModel(nn.Module):
         hidden_states = [x]
         L = len(self.layers)
         tokens = token_rows(attn_mask, x.device)        # every position, or the real tokens alone
-        for b, layer in enumerate(self.layers, start=1):
-            x = layer(x, tokens, cls_only=self.cls_only_last_layer and b == L)
+        for r, layer in enumerate(self.layers, start=1):
+            x = layer(x, tokens, cls_only=self.cls_only_last_layer and r == L)
             hidden_states.append(x)
         return BertOutput(last_hidden_state=x, pooler_output=self.pooler(x),
                           hidden_states=tuple(hidden_states), attn_mask=attn_mask)

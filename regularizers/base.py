@@ -3,19 +3,22 @@
 The training loop (train.py) does, for every batch,
 
     outputs = model(**inputs)                     # one clean forward pass
-    loss = task_loss(outputs.logits, labels) + method.penalty(model, batch, outputs)
+    penalty = method.penalty(model, batch, outputs)                   # a tensor, or None
+    loss = task_loss(outputs.logits, labels) + penalty                # or the task loss alone
     loss.backward(); clip; optimizer.step(); method.after_step(model); scheduler.step()
 
-and calls `method.setup(model, seed)` once before the first step. It knows nothing else about
-the method, so a new method is one new file with a `Regularizer` subclass and one line in
+and calls `method.setup(model, seed)` once before the first step. Beyond these calls it reads
+only the class attributes below (`name`, `Options`, `reads_hidden_states`, `needs_fp32`), so a
+new method is one new file with a `Regularizer` subclass and one line in
 regularizers/__init__.py.
 
 What a method gets and what it may change:
-- `setup` gets the model with its pretrained weights and new head, in training mode, and the
-  run's seed. It may register hooks on the model's modules (FT+Noise adds its noise with one;
+- `setup` gets the model with its pretrained weights and new head, in training mode, and a
+  seed for the method's own random stream (derived from the run's seed, and from the rank in a
+  data-parallel run). It may register hooks on the model's modules (FT+Noise adds its noise with one;
   regularizers/replay.py records the clean pass's dropout state with one) and keep generators
-  and modules of its own (saved in checkpoints, see below). It keeps no state on the model; a
-  hook may choose how a layer computes where bert/speed.py offers a choice (LNSR's jvp
+  and modules of its own (saved in checkpoints, see below). It adds no tensors or attributes to
+  the model (hooks are allowed); a hook may choose how a layer computes where bert/speed.py offers a choice (LNSR's jvp
   estimator has layers b..L written out as plain tensor operations, bert/speed.py::write_out).
 - `penalty` gets the batch and the clean pass's outputs (logits, every hidden state, the
   attention mask). It may run the model or some of its layers again. A gradient with respect
@@ -61,7 +64,8 @@ class Regularizer:
     def setup(self, model, seed: int) -> None:
         """Called once, after the pretrained model is loaded and before training.
 
-        `seed` is the run's seed, for any randomness the method draws (noise, masks).
+        `seed` seeds the method's own random stream (noise, masks): train.py derives it from
+        the run's seed (and the rank of a data-parallel run), apart from the other streams.
         """
 
     def penalty(self, model, batch: dict, outputs) -> torch.Tensor | None:

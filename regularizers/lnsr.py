@@ -63,7 +63,8 @@ would build a vector-Jacobian graph and differentiate it again. torch.func.jvp r
 torch.autograd.forward_ad's dual tensors: under the latter, torch's forward-mode rule for softmax
 cannot be differentiated again (torch 2.13). Layers b..L compute attention and LayerNorm as plain
 tensor operations, in the clean pass too (bert/speed.py::write_out): SDPA's fused kernels have no
-forward-mode rule and their dropout masks cannot be replayed outside them, and differentiating
+forward-mode rule, the written-out attention cannot reproduce a fused kernel's dropout masks (so
+the clean pass is written out as well), and differentiating
 the fused LayerNorm's forward-mode rule gives wrong gradients (pytorch/pytorch#196700).
 
 How the code maps to it:
@@ -136,8 +137,9 @@ class LNSROptions:
     estimator: str = field(default="difference", metadata={
         "help": "'difference': Eq. 2 as written, the noisy pass minus the clean one (needs fp32: bf16 "
                 "and TF32 round sigma's noise away); 'jvp': its first-order term ||J eps||^2 as a "
-                "Jacobian-vector product, equal to 'difference' up to Section 3.2's O(sigma) Hessian "
-                "term, and exact enough in bf16 (needs --lnsr-dropout shared)"})
+                "Jacobian-vector product, equal to 'difference' up to the Hessian's contribution "
+                "(Section 3.2; for one draw of eps, of relative order sigma), and exact enough in bf16 "
+                "(needs --lnsr-dropout shared)"})
 
     def __post_init__(self):
         if self.sigma < 0:
@@ -237,10 +239,10 @@ class LNSR(Regularizer):
     def penalty(self, model, batch, outputs):
         o, b = self.options, self.options.layer
         x_b = outputs.hidden_states[b - 1]                                      # (B, T, H)
-        eps = sample_noise(x_b, o.sigma, o.relative_sigma, self.generator)
+        eps = sample_noise(x_b, o.sigma, o.relative_sigma, self.generator)       # line 6
         with self.replay.extra_passes(), self.replay.replay():                  # masks m, or m' anew
             if o.estimator == "difference":
-                noisy = model.bert.run_layers(x_b + eps, outputs.attn_mask, b)    # f^{b,r}(x^b + eps)
+                noisy = model.bert.run_layers(x_b + eps, outputs.attn_mask, b)    # lines 7-8: f^{b,r}(x~)
                 clean = outputs.hidden_states[b:]                                 # f^{b,r}(x^b)
                 deltas = [noisy_r - clean_r for noisy_r, clean_r in zip(noisy, clean)]
             else:                                                                 # J^{b,r}(x^b) eps

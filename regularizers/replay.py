@@ -49,7 +49,8 @@ class DropoutReplay:
 
     def __init__(self, module: torch.nn.Module, enabled: bool = True):
         self.enabled, self.state, self.recording = enabled, None, True
-        self.handle = module.register_forward_pre_hook(self.record)
+        if enabled:                       # a disabled replay never reads the record
+            module.register_forward_pre_hook(self.record)
 
     def record(self, module, inputs):
         if module.training and self.recording:
