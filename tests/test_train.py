@@ -239,17 +239,16 @@ def test_table_2_ablation_in_one_command(tmp_path, tiny_model, capsys):
     assert "--epochs must be > 0" in capsys.readouterr().err
 
 
-def test_ft_noise_trains_on_the_noisy_pass_and_sigma_zero_is_ft(tmp_path):
-    # End to end: train.py wires the noise hook in and the logged training loss is the noisy one.
-    # Its distance from FT's grows with sigma (here about 6e-7 at sigma = 1e-3 and 2e-5 at 1e-1),
-    # which is why FT+Noise at the default sigma = 1e-4 ends where FT ends on these tasks.
-    # One step (--epochs 0.3 of 3 steps): only the first logged loss is compared, and the subset
-    # and the order of the data, hence the first batch, do not depend on --epochs.
+def test_ft_noise_trains_on_the_noisy_pass_and_sigma_zero_is_ft(tmp_path, tiny_model):
+    # End to end: train.py wires the noise hook in and the logged training loss is the noisy one,
+    # whose distance from FT's grows with sigma. One step (--epochs 0.3 of 3 steps): only the
+    # first logged loss is compared, and the subset and the order of the data, hence the first
+    # batch, do not depend on --epochs.
     first_loss = lambda method, out: read_run(tmp_path, method, 1, out)[1][0]["loss"]
     one_step = ["--epochs", "0.3", "--precision", "fp32"]
-    assert run(tmp_path, "--method", "ft", *one_step, out="ft") == 0
+    assert run(tmp_path, "--method", "ft", *one_step, out="ft", model=tiny_model) == 0
     for sigma in ("0", "1e-3", "1e-1"):
-        assert run(tmp_path, "--method", "noise", "--noise-sigma", sigma, *one_step, out=sigma) == 0
+        assert run(tmp_path, "--method", "noise", "--noise-sigma", sigma, *one_step, out=sigma, model=tiny_model) == 0
     ft = first_loss("ft", "ft")
     assert first_loss("noise", "0") == ft
     small, large = (abs(first_loss("noise", sigma) - ft) for sigma in ("1e-3", "1e-1"))

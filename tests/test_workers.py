@@ -269,18 +269,6 @@ def test_data_parallel_with_dropout_runs_every_method_and_keeps_lnsr_sigma_zero_
         assert all(penalty > 0 for _, _, penalty in log) or m in ("mixout", "noise"), m
 
 
-def test_data_parallel_lnsr_with_noise_ends_with_the_same_weights_on_every_rank(tmp_path, model_dir):
-    """sigma > 0: the noisy pass through layers b..L runs beside DistributedDataParallel, and its
-    gradient must be averaged over the ranks with the clean pass's. train.py compares a hash of
-    every rank's weights after training and fails the run if they differ (as they do when the
-    gradients are not averaged: each rank trains on its own half of every batch)."""
-    torchrun(2, tmp_path, "--model", str(model_dir), "--method", "lnsr", "--lnsr-sigma", "0.05", "--seed", "1",
-             "--data-parallel", "--max-train-samples", "12", "--max-eval-samples", "8")
-    results, log, _ = results_of(tmp_path, "lnsr/seed1")
-    assert len(log) == 2 and all(penalty > 0 for _, _, penalty in log)
-    assert not (tmp_path / "RTE" / "lnsr" / "seed1" / "failed.json").exists()
-
-
 def test_ranks_whose_weights_differ_fail_the_run(tmp_path, model_dir, monkeypatch):
     """The check itself, in one process: ranks that report two fingerprints fail the run in
     failed.json, and it leaves no results."""
@@ -308,15 +296,18 @@ def test_ranks_whose_weights_differ_fail_the_run(tmp_path, model_dir, monkeypatc
 def test_a_data_parallel_run_stopped_by_sigterm_goes_on_from_its_checkpoint_with_the_same_bits(tmp_path,
                                                                                                   model_dir):
     """torchrun passes SIGTERM to every rank; the ranks agree to stop at a log step, rank 0 saves
-    every rank's random streams, and each rank reads its own back: dropout on, the same bits."""
+    every rank's random streams, and each rank reads its own back: dropout on, the same bits.
+    LNSR at its default sigma: the noisy pass's gradient is averaged over the ranks with the
+    clean pass's, or the ranks' weights differ after training and train.py fails the run (as it
+    does with DistributedDataParallel left out)."""
     import checkpoint
     grid = ["--model", str(model_dir), "--method", "lnsr", "--seed", "1", "--data-parallel",
-            "--max-train-samples", "64", "--batch-size", "4", "--epochs", "3", "--log-every", "2"]
+            "--max-train-samples", "32", "--batch-size", "4", "--epochs", "3", "--log-every", "2"]
     torchrun(2, tmp_path / "never", *grid)
     run_dir = tmp_path / "stopped" / "RTE" / "lnsr" / "seed1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "train.py"), *TINY, "--output-dir", str(tmp_path / "stopped"), *grid,
-               "--checkpoint-steps", "10"]
+               "--checkpoint-steps", "6"]
     agent = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not checkpoint.path_of(run_dir).exists() and agent.poll() is None and time.time() < deadline:
@@ -324,7 +315,7 @@ def test_a_data_parallel_run_stopped_by_sigterm_goes_on_from_its_checkpoint_with
     agent.send_signal(signal.SIGTERM)
     agent.wait(timeout=120)
     saved = checkpoint.read(run_dir, {})
-    assert 10 <= saved["step"] < 48 and len(saved["random_streams"]) == 2
+    assert 6 <= saved["step"] < 24 and len(saved["random_streams"]) == 2
     assert not (run_dir / "results.json").exists()
     torchrun(2, tmp_path / "stopped", *grid)
     assert results_of(tmp_path / "stopped", "lnsr/seed1") == results_of(tmp_path / "never", "lnsr/seed1")
