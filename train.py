@@ -36,7 +36,7 @@ from cli import method_options, run_settings
 from numerics import autocast, started_as_script
 from run_records import RunFailed, RunFiles, versions
 from scoring import CURVE_TRAIN_SAMPLE, MODEL_INPUTS, curve_point, predict, prediction_spread, task_loss, to_device
-from workers import SingleProcess, weights_fingerprint
+from workers import SingleProcess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +237,7 @@ def train_one(args, spec, method_name, seed, data, run_dir: Path, report=quiet, 
             stop.training = False
     # DDP averages each step's whole gradient, the penalty's too, so every rank of a data-parallel
     # run ends with the same theta; a rank that does not would make rank 0's scores a guess.
-    if ranks.world > 1 and len(set(ranks.gather(weights_fingerprint(model)))) > 1:
+    if not ranks.hold_the_same_weights(model):
         reason = "the data-parallel ranks' weights differ after training: their gradients were not all averaged"
         files.fail(reason, step)
         checkpoint.remove(run_dir)

@@ -274,6 +274,9 @@ class SingleProcess:
     def gather(self, obj) -> list:
         return [obj]
 
+    def hold_the_same_weights(self, model) -> bool:
+        return True
+
     def barrier(self):
         pass
 
@@ -335,6 +338,10 @@ class DataParallel:
         out = [None] * self.world
         self.dist.all_gather_object(out, obj)
         return out
+
+    def hold_the_same_weights(self, model) -> bool:
+        """Whether every rank's weights equal rank 0's, bit for bit (on every rank)."""
+        return len(set(self.gather(weights_fingerprint(model)))) == 1
 
     def barrier(self):
         self.dist.barrier()

@@ -15,11 +15,12 @@ regularizers/__init__.py.
 What a method gets and what it may change:
 - `setup` gets the model with its pretrained weights and new head, in training mode, and a
   seed for the method's own random stream (derived from the run's seed, and from the rank in a
-  data-parallel run). It may register hooks on the model's modules (FT+Noise adds its noise with one;
-  regularizers/replay.py records the clean pass's dropout state with one) and keep generators
-  and modules of its own (saved in checkpoints, see below). It adds no tensors or attributes to
-  the model (hooks are allowed); a hook may choose how a layer computes where bert/speed.py offers a choice (LNSR's jvp
-  estimator has layers b..L written out as plain tensor operations, bert/speed.py::write_out).
+  data-parallel run). It may register hooks on the model's modules (FT+Noise adds its noise
+  with one; regularizers/replay.py records the clean pass's dropout state with one) and keep
+  generators and modules of its own (saved in checkpoints, see below). It adds no tensors or
+  attributes to the model (hooks are allowed); a hook may choose how a layer computes where
+  bert/speed.py offers a choice (LNSR's jvp estimator has layers b..L written out as plain
+  tensor operations, bert/speed.py::write_out).
 - `penalty` gets the batch and the clean pass's outputs (logits, every hidden state, the
   attention mask). It may run the model or some of its layers again. A gradient with respect
   to a hidden state should be taken at a tensor the method adds itself (SMART's delta, added

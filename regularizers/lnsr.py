@@ -251,7 +251,4 @@ class LNSR(Regularizer):
         R = 0.0                                                                   # line 4: R-hat <- 0
         for lambda_r, delta_r in zip(self.lambdas, deltas):                       # lines 9-11
             R = R + lambda_r * squared_norm(delta_r, token_mask, o.reduction)     # (B,)
-        # Line 13 averages over the batch; read literally it adds the batch's sum R-hat to every
-        # example's term, |B| times this mean. We average R as the loss is: the factor |B| is a
-        # constant that lambda_r absorbs.
-        return R.mean()
+        return R.mean()                         # line 13's batch average (a reading: see the top)
