@@ -28,7 +28,8 @@ docs/LNSR_READINGS.md. An arm behaves like the paper if all three hold over the 
   2. on no task does its 95% interval lie wholly below 0;
   3. its mean train metric is below ft's on at least 3 tasks.
 If one arm behaves like the paper it is the recommendation; if both do, the one with the larger
-paired difference averaged over the tasks; if neither does, none is. An arm is judged once it and
+paired difference averaged over the tasks; if neither does, none is. The recommendation is decided
+only when an arm of each reading is judged. An arm is judged once it and
 ft each have a dev and a train score for every task and for seeds 1-5; runs of two recipes in one
 call are refused. An arm that collapses on 3 or more of a task's seeds is reported as not
 training there (the collapsed runs stay in every statistic).
@@ -46,6 +47,7 @@ from run_records import one_answer, scored_set  # noqa: E402
 
 STAGE3_TASKS = ("RTE", "MRPC", "CoLA", "STS-B")
 STAGE3_SEEDS = 5
+STAGE3_READINGS = ("shared", "independent")   # the recommendation waits for an arm of each
 TIE = 1.0                      # points: stage-1 cells within this much of the best tie
 STRENGTH_TIE = 0.5             # points: stage-2 strengths within this much of the best tie
 
@@ -325,8 +327,12 @@ def stage3(dirs) -> int:
         print(f"| {arm} | {ok('rule1')}: positive on {names(d['rule1'][1])}; above 0 on {names(d['rule1'][2])} | "
               f"{ok('rule2')}: below 0 on {names(d['rule2'][1])} | {ok('rule3')}: below on {names(d['rule3'][1])} | "
               f"**{'yes' if d['behaves'] else 'no'}** |")
+    # A reading with no finished run yet has no arm above; it still keeps the recommendation open.
+    unstarted = [r for r in STAGE3_READINGS if not any(arm.split()[0] == r for arm in verdicts)]
+    for reading in unstarted:
+        print(f"| {reading} reading | - | - | - | not judged: no finished runs |")
     print()
-    if not verdicts or any(v["decision"] is None for v in verdicts.values()):
+    if unstarted or any(v["decision"] is None for v in verdicts.values()):
         print("Recommendation: not decided; stage 3 is not complete.")
     elif recommended:
         print(f"Recommendation: {recommended} (mean paired difference over the tasks "

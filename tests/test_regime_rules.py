@@ -264,6 +264,12 @@ def test_stage3_reproduces_the_readings_report_from_its_committed_runs(capsys, m
     out = capsys.readouterr().out
     assert "not judged: no independent lambda 1 runs on MRPC" in out
     assert "Recommendation: not decided; stage 3 is not complete." in out
+    # One reading judged, the other without a finished run: that reading is not yet beaten.
+    assert rules.main(["stage3", "results/readings/ft", "results/readings/figure1"]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.endswith("**no** |") for line in out.splitlines()) == 1
+    assert "| independent reading | - | - | - | not judged: no finished runs |" in out
+    assert "Recommendation: not decided; stage 3 is not complete." in out
 
 
 def test_stage3_refuses_two_runs_in_one_place(capsys, monkeypatch):
