@@ -96,6 +96,21 @@ def test_the_stage1_table_in_the_report_is_what_the_rule_prints_from_the_committ
     assert len(printed) == 8 and all(line in report for line in printed)
 
 
+def test_the_stage3_rows_in_the_report_are_what_the_rule_prints_from_the_committed_runs(capsys, monkeypatch):
+    """Every row of an arm's stage-3 tables in the report (its signature per task and its
+    verdict) is a line the rule prints now from results/regime/stage3."""
+    monkeypatch.chdir(ROOT)
+    assert rules.main(["stage3", "results/regime/stage3"]) == 0
+    printed = set(capsys.readouterr().out.splitlines())
+    report = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8").splitlines()
+    arms = ("shared sigma 0.0001 |", "independent lambda 0.01 |")
+    rows = [line for line in report if line.startswith("| ") and any(
+        line.startswith(f"| {arm}") or any(line.startswith(f"| {t} | {arm}") for t in rules.STAGE3_TASKS)
+        for arm in arms)]
+    assert len(rows) >= 5, "the report's stage-3 tables were not found"
+    assert [r for r in rows if r not in printed] == []
+
+
 def test_stage2_command_on_run_folders(tmp_path, capsys, monkeypatch):
     """The command end to end: LNSR runs made from stage 1's chosen ft runs (their files, with
     the method and a score changed), ranked against those ft runs; runs at another recipe refused."""
