@@ -347,4 +347,7 @@ class DataParallel:
         self.dist.barrier()
 
     def close(self):
+        # Every rank leaves its last collective before any rank tears the group down and exits:
+        # a peer's sockets closing under a rank still inside gloo can abort that rank.
+        self.dist.barrier()
         self.dist.destroy_process_group()
