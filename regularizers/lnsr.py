@@ -104,7 +104,7 @@ lnsr-sigma ...` (penalty_size.py): on MiniLM-L6 at a recipe tuned for it (AdamW,
 percent of the loss on both readings cost 9 to 22 points on a task or stopped learning
 (docs/RESULTS.md, "Tuned fairly", stage 2). On dev (stage 3, four tasks, five paired seeds)
 the shared reading at sigma 1e-4 did not behave like the paper either: ahead of ft on CoLA and
-MRPC, behind on RTE and STS-B, no difference clear of seed noise. Run the
+MRPC, behind on RTE, even on STS-B, no difference clear of seed noise. Run the
 difference estimator in fp32: bf16 and TF32 round such noise away (numerics.numeric_recipe);
 the jvp estimator may run in bf16.
 """
