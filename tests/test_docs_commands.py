@@ -209,3 +209,37 @@ def test_readme_methods_table_scores_are_the_committed_runs(at_repository_root):
     for task, ft, lnsr, p in bullets:
         assert (ft, lnsr) == (evaluate.fmt(table[task]["ft"]["mean"]), evaluate.fmt(table[task]["lnsr"]["mean"])), task
         assert p == f"{table[task]['lnsr']['p_vs_ft']:.2f}", task
+
+
+def test_the_stage3_queue_issues_the_report_s_commands_one_run_each(tmp_path, at_repository_root, capsys):
+    """docs/regime_stage3_queue.sh (how stage 3's runs were made) runs exactly the report's stage-3
+    commands, one seed per command, every (arm, task, seed) once; each dry-runs against the
+    committed runs (a committed run must have been made with exactly those settings)."""
+    import os
+    import subprocess
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" >> {tmp_path}/argv\nprintf "\\n" >> {tmp_path}/argv\n')
+    (shim / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(ROOT / "docs" / "regime_stage3_queue.sh"), str(ROOT), str(tmp_path / "out"),
+                           "../shared/glue_data"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    issued = [line.split("\0") for line in (tmp_path / "argv").read_text().split("\0\n") if line]
+    assert all(argv[0] == "train.py" for argv in issued)
+    report = [argv for argv in commands(ROOT / "docs" / "RESULTS.md")
+              if argv[0] == "train.py" and any(a.startswith("results/regime/stage3/") for a in argv)]
+    assert len(report) == 12
+    runs = []
+    for argv in issued:
+        seed = argv[argv.index("--seeds") + 1]
+        arm = Path(argv[argv.index("--output-dir") + 1]).name
+        committed = list(argv)
+        committed[argv.index("--output-dir") + 1] = f"results/regime/stage3/{arm}"
+        as_in_report = list(committed)
+        as_in_report[argv.index("--seeds") + 1] = "1-5"
+        assert sorted(as_in_report) in [sorted(r) for r in report], argv
+        runs.append((arm, argv[argv.index("--task") + 1], seed))
+        assert train.main(committed[1:] + ["--dry-run"]) == 0, capsys.readouterr().err
+    assert len(runs) == len(set(runs)) == 60
+    assert [arm for arm, _, _ in runs[:40]].count("independent") == 0      # ft and shared first
