@@ -16,6 +16,9 @@ checkout=$1
 results=$2
 data_dir=${3:-$(cd "$(dirname "$0")/.." && pwd)/../shared/glue_data}
 arms=${ARMS:-ft shared independent}
+# glibc's small-block caches off, as for every run since stage 2 (docs/SPEED.md, change 14; the
+# protocol's commit predates train.py setting it itself): without it one LNSR run grows past 12 GiB.
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0}
 cd "$checkout" || exit 2
 
 held_by_a_live_worker() {   # run folder: a claim touched in the last 10 minutes, no results
