@@ -9,9 +9,14 @@ the report's own summarize commands prints from the committed run folders, so a 
 report cannot drift from the runs behind it.
 """
 import itertools
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -211,35 +216,85 @@ def test_readme_methods_table_scores_are_the_committed_runs(at_repository_root):
         assert p == f"{table[task]['lnsr']['p_vs_ft']:.2f}", task
 
 
-def test_the_stage3_queue_issues_the_report_s_commands_one_run_each(tmp_path, at_repository_root, capsys):
-    """docs/regime_stage3_queue.sh (how stage 3's runs were made) runs exactly the report's stage-3
-    commands, one seed per command, every (arm, task, seed) once; each dry-runs against the
-    committed runs (a committed run must have been made with exactly those settings)."""
-    import os
-    import subprocess
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    (shim / "python").write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" >> {tmp_path}/argv\nprintf "\\n" >> {tmp_path}/argv\n')
+def run_queue(tmp_path, *args, environment=None):
+    """docs/regime_stage3_queue.sh with a `python` on PATH that records each train.py command
+    (its argv and GLIBC_TUNABLES) instead of training, and runs any other python for real.
+    Returns the exit status, stderr and the recorded commands."""
+    shim, record = tmp_path / "bin", tmp_path / "train_commands"
+    shim.mkdir(exist_ok=True)
+    record.write_text("")
+    (shim / "python").write_text(
+        '#!/bin/sh\n'
+        f'if [ "$1" != train.py ]; then exec "{sys.executable}" "$@"; fi\n'
+        f'printf "%s\\0" "$GLIBC_TUNABLES" "$@" >> "{record}"\n'
+        f'printf "\\n" >> "{record}"\n')
     (shim / "python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}
-    done = subprocess.run(["bash", str(ROOT / "docs" / "regime_stage3_queue.sh"), str(ROOT), str(tmp_path / "out"),
-                           "../shared/glue_data"], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    issued = [line.split("\0") for line in (tmp_path / "argv").read_text().split("\0\n") if line]
-    assert all(argv[0] == "train.py" for argv in issued)
-    report = [argv for argv in commands(ROOT / "docs" / "RESULTS.md")
+    env = {k: v for k, v in os.environ.items() if k not in ("ARMS", "GLIBC_TUNABLES")}
+    env.update({"PATH": f"{shim}:{os.environ['PATH']}", **(environment or {})})
+    done = subprocess.run(["bash", str(ROOT / "docs" / "regime_stage3_queue.sh"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    issued = [line.split("\0") for line in record.read_text().split("\0\n") if line]
+    return done.returncode, done.stderr, [(argv[1:], argv[0]) for argv in issued]
+
+
+def queue_order(arms_in_order):
+    return [(arm, task, str(seed)) for arms in arms_in_order for seed in range(1, 6)
+            for task in ("rte", "mrpc", "cola", "sts-b") for arm in arms]
+
+
+def test_the_stage3_queue_issues_the_report_s_commands_in_priority_order(tmp_path, at_repository_root, capsys):
+    """docs/regime_stage3_queue.sh (how stage 3's runs were made) runs exactly the report's stage-3
+    commands, one seed per command, seed by seed with ft and the shared reading first, with
+    glibc's caches off; each dry-runs against the committed runs (a committed run must have been
+    made with exactly those settings)."""
+    status, stderr, issued = run_queue(tmp_path, str(ROOT), "out", environment={"GLIBC_TUNABLES": "glibc.malloc.check=0"})
+    assert status == 0, stderr
+    parse = lambda argv: vars(cli.build_parser(train.TrainConfig()).parse_args(argv))
+    report = [parse(argv[1:]) for argv in commands(ROOT / "docs" / "RESULTS.md")
               if argv[0] == "train.py" and any(a.startswith("results/regime/stage3/") for a in argv)]
     assert len(report) == 12
     runs = []
-    for argv in issued:
+    for argv, tunables in issued:
+        assert argv[0] == "train.py" and tunables == \
+            "glibc.malloc.check=0:glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
+        output_dir = Path(argv[argv.index("--output-dir") + 1])
+        assert output_dir.parent == tmp_path / "out"                     # relative to where it started
         seed = argv[argv.index("--seeds") + 1]
-        arm = Path(argv[argv.index("--output-dir") + 1]).name
-        committed = list(argv)
-        committed[argv.index("--output-dir") + 1] = f"results/regime/stage3/{arm}"
-        as_in_report = list(committed)
-        as_in_report[argv.index("--seeds") + 1] = "1-5"
-        assert sorted(as_in_report) in [sorted(r) for r in report], argv
-        runs.append((arm, argv[argv.index("--task") + 1], seed))
-        assert train.main(committed[1:] + ["--dry-run"]) == 0, capsys.readouterr().err
-    assert len(runs) == len(set(runs)) == 60
-    assert [arm for arm, _, _ in runs[:40]].count("independent") == 0      # ft and shared first
+        committed = argv[1:]
+        committed[committed.index("--output-dir") + 1] = f"results/regime/stage3/{output_dir.name}"
+        assert Path(argv[argv.index("--data-dir") + 1]) == (ROOT / ".." / "shared" / "glue_data").resolve()
+        committed[committed.index("--data-dir") + 1] = "../shared/glue_data"
+        assert {**parse(committed), "seeds": "1-5"} in report, argv
+        runs.append((output_dir.name, argv[argv.index("--task") + 1], seed))
+        assert train.main(committed + ["--dry-run"]) == 0, capsys.readouterr().err
+    assert runs == queue_order([("ft", "shared"), ("independent",)])
+
+
+def test_the_stage3_queue_passes_over_a_live_worker_s_run_until_the_end_and_skips_finished_ones(tmp_path):
+    import workers
+    out = tmp_path / "out"
+    held, dead, finished = (out / "independent" / "RTE" / "lnsr" / "seed1", out / "ft" / "MRPC" / "ft" / "seed2",
+                            out / "shared" / "CoLA" / "lnsr" / "seed3")
+    for folder in (held, dead, finished):
+        folder.mkdir(parents=True)
+    claim = {"pid": os.getpid(), "machine": workers.machine_id(), "worker": "test"}
+    (held / "claim.1.json").write_text(json.dumps(claim))                          # this process: alive
+    (dead / "claim.1.json").write_text(json.dumps({**claim, "machine": "elsewhere"}))
+    os.utime(dead / "claim.1.json", (time.time() - 660, time.time() - 660))          # 11 minutes silent
+    (finished / "results.json").write_text("{}")
+    status, stderr, issued = run_queue(tmp_path, str(ROOT), str(out))
+    assert status == 0, stderr
+    runs = [(Path(a[a.index("--output-dir") + 1]).name, a[a.index("--task") + 1], a[a.index("--seeds") + 1])
+            for a, _ in issued]
+    expected = [r for r in queue_order([("ft", "shared"), ("independent",)])
+                if r not in (("independent", "rte", "1"), ("shared", "cola", "3"))]
+    assert runs == expected + [("independent", "rte", "1")]
+
+
+def test_the_stage3_queue_walks_only_the_arms_asked_for(tmp_path):
+    status, _, issued = run_queue(tmp_path, str(ROOT), "out", environment={"ARMS": "independent"})
+    assert status == 0
+    assert [(a[a.index("--task") + 1], a[a.index("--seeds") + 1]) for a, _ in issued] == \
+        [(task, seed) for _, task, seed in queue_order([("independent",)])]
+    status, stderr, issued = run_queue(tmp_path, str(ROOT), "out", environment={"ARMS": "indep"})
+    assert status == 2 and "unknown arm 'indep'" in stderr and not issued
