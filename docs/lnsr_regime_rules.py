@@ -29,9 +29,10 @@ docs/LNSR_READINGS.md. An arm behaves like the paper if all three hold over the 
   3. its mean train metric is below ft's on at least 3 tasks.
 If one arm behaves like the paper it is the recommendation; if both do, the one with the larger
 paired difference averaged over the tasks; if neither does, none is. The recommendation is decided
-only when an arm of each reading is judged. An arm is judged once it and
-ft each have a dev and a train score for every task and for seeds 1-5; runs of two recipes in one
-call are refused. An arm that collapses on 3 or more of a task's seeds is reported as not
+only when every arm is judged and each reading has one: if the budget drops the independent
+reading (LNSR_REGIME.md), it stays undecided, and the report judges by the shared reading alone
+and says so. An arm is judged once it and ft each have a dev and a train score for every task
+and for seeds 1-5; runs of two recipes in one call are refused. An arm that collapses on 3 or more of a task's seeds is reported as not
 training there (the collapsed runs stay in every statistic).
 
     python docs/lnsr_regime_rules.py stage3 results/regime/stage3
@@ -184,6 +185,11 @@ def arm_of(run: dict) -> str:
     return f"{reading} {'sigma' if reading == 'shared' else 'lambda'} {strength:g}"
 
 
+def reading_of(arm: str) -> str:
+    """"shared" or "independent": the first word of every LNSR arm's name (arm_of)."""
+    return arm.split()[0]
+
+
 def stage3_cells(runs) -> dict:
     """{task: {arm: {"dev": {seed: score}, "train": {seed: score}, "collapsed": count}}}, in
     percent. Raises ValueError where two runs would fill one (task, arm, seed): runs of two
@@ -256,9 +262,10 @@ def why_not_judged(cells: dict, arm: str) -> str:
 
 def stage3_verdicts(cells: dict) -> tuple:
     """({arm: {"paired", "signature", "not_judged", "decision", "mean_diff"}}, recommended arm or
-    None). Every arm is shown; only one with every (task, seed) pair is judged. If two arms behave
-    like the paper, the larger paired difference averaged over the tasks wins (an exact tie: the
-    first by name)."""
+    None, the readings with no arm yet). Every arm is shown; only one with every (task, seed) pair
+    is judged. An arm is recommended only when the recommendation is decided: every arm judged and
+    an arm of each reading among them. If two arms behave like the paper, the larger paired
+    difference averaged over the tasks wins (an exact tie: the first by name)."""
     arms = sorted({a for per_task in cells.values() for a in per_task if a != "ft"})
     verdicts = {}
     for arm in arms:
@@ -270,9 +277,12 @@ def stage3_verdicts(cells: dict) -> tuple:
         verdicts[arm] = {"paired": paired, "signature": signatures, "not_judged": why,
                          "decision": None if why else decision(paired, signatures),
                          "mean_diff": None if why else sum(p["mean_diff"] for p in paired.values()) / len(paired)}
-    behaving = [a for a, v in verdicts.items() if v["decision"] and v["decision"]["behaves"]]
+    # A reading without a finished run has no arm yet; it keeps the recommendation open too.
+    unstarted = [r for r in STAGE3_READINGS if not any(reading_of(a) == r for a in arms)]
+    decided = not unstarted and all(v["decision"] for v in verdicts.values())
+    behaving = [a for a, v in verdicts.items() if decided and v["decision"]["behaves"]]
     recommended = max(behaving, key=lambda a: verdicts[a]["mean_diff"]) if behaving else None
-    return verdicts, recommended
+    return verdicts, recommended, unstarted
 
 
 def does_not_train(cells: dict) -> list:
@@ -299,7 +309,7 @@ def stage3(dirs) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    verdicts, recommended = stage3_verdicts(cells)
+    verdicts, recommended, unstarted = stage3_verdicts(cells)
     fmt = evaluate.fmt
     print("| task | arm | seeds | mean diff vs ft | 95% CI | wins | (a) lower train | (b) higher dev mean | "
           "(c) lower dev std | (d) narrower gap | collapsed runs |")
@@ -327,8 +337,6 @@ def stage3(dirs) -> int:
         print(f"| {arm} | {ok('rule1')}: positive on {names(d['rule1'][1])}; above 0 on {names(d['rule1'][2])} | "
               f"{ok('rule2')}: below 0 on {names(d['rule2'][1])} | {ok('rule3')}: below on {names(d['rule3'][1])} | "
               f"**{'yes' if d['behaves'] else 'no'}** |")
-    # A reading with no finished run yet has no arm above; it still keeps the recommendation open.
-    unstarted = [r for r in STAGE3_READINGS if not any(arm.split()[0] == r for arm in verdicts)]
     for reading in unstarted:
         print(f"| {reading} reading | - | - | - | not judged: no finished runs |")
     print()
