@@ -1,6 +1,6 @@
-"""Every committed run that saved its dev predictions (results/**/dev_predictions.json) reports the
-GLUE metric of those predictions: recomputed here from the original dev files with numpy and
-scipy alone (no project code), so a reported score cannot come from anything but its run's answers.
+"""Every finished run under results/ that saved its dev predictions reports the GLUE metric of
+those predictions: recomputed here from the original dev files with numpy and scipy alone (no
+project code), so a reported score cannot come from anything but its run's answers.
 """
 import csv
 import json
@@ -13,7 +13,9 @@ from scipy import stats
 import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = sorted(p.parent for p in (ROOT / "results").rglob("dev_predictions.json"))
+# Finished runs only: a run being written has its predictions before its results.json.
+RUNS = sorted(p.parent for p in (ROOT / "results").rglob("results.json")
+              if (p.parent / "dev_predictions.json").exists())
 
 
 def dev_labels(task: str) -> np.ndarray:
