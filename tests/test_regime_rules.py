@@ -114,6 +114,15 @@ def test_the_stage3_rows_in_the_report_are_what_the_rule_prints_from_the_committ
     assert covered >= 1, "the report's stage-3 tables were not found"
 
 
+def test_the_stage2_table_in_the_report_is_what_the_rule_prints_from_the_committed_runs(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert rules.main(["stage2", "results/regime/stage2", "--ft", "results/regime/stage1/adamw/RTE/ft-epochs6-lr5e-05",
+                       "results/regime/stage1/adamw/CoLA/ft-epochs6-lr5e-05"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    report = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8").splitlines()
+    assert len(printed) == 10 and all(line in report for line in printed)
+
+
 def test_stage2_command_on_run_folders(tmp_path, capsys, monkeypatch):
     """The command end to end: LNSR runs made from stage 1's chosen ft runs (their files, with
     the method and a score changed), ranked against those ft runs; runs at another recipe refused."""
