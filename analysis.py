@@ -43,6 +43,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,32 +395,31 @@ def plot_noise_attenuation(results, path: Path, title: str = "") -> Path:
 MAX_FIGURE_INCHES = 13.3         # x 120 dpi: at most 1600 pixels wide, readable on one screen
 
 
-def plot_boxplot(groups, metrics: dict, path: Path, title: str = "") -> Path:
+def plot_boxplot(groups, metrics: dict, path: Path, title: str = ""):
     """Figures 2 and 5: per task a box plot of the main metric for each method, seeds as dots.
+    Returns the figure (the caller closes it): its dots carry the data drawn.
 
     One row of panels per task, so that the figure grows downwards with the tasks and stays at
-    most 1600 pixels wide."""
+    most 1600 pixels wide; a long row label (a method's differing options) is wrapped onto lines
+    of its own under its box, so that neighbouring labels never overlap."""
     plt = pyplot()
-    width = min(MAX_FIGURE_INCHES, max(5.0, 1.1 * max(len(g) for g in groups.values()) + 1.5))
-    fig, axes = plt.subplots(len(groups), 1, figsize=(width, 3.2 * len(groups)), squeeze=False)
+    width = min(MAX_FIGURE_INCHES, max(5.0, 1.5 * max(len(g) for g in groups.values()) + 1.5))
+    fig, axes = plt.subplots(len(groups), 1, figsize=(width, 3.4 * len(groups)), squeeze=False)
     for ax, (task, by_label) in zip(axes[:, 0], groups.items()):
         labels = list(by_label)
         ax.boxplot([by_label[m] for m in labels], widths=0.5, showfliers=False)
         jitter = np.random.default_rng(0)               # dots spread sideways, same picture every time
         for i, m in enumerate(labels, start=1):
             x = i + jitter.uniform(-0.12, 0.12, len(by_label[m]))
-            ax.plot(x, by_label[m], "o", markersize=3, alpha=0.6, color="tab:blue")
+            ax.plot(x, by_label[m], "o", markersize=3, alpha=0.6, color="tab:blue", label=m)
         ax.set_xticks(range(1, len(labels) + 1))
-        ax.set_xticklabels(labels, rotation=15 if max(map(len, labels)) > 12 else 0,
-                           ha="right" if max(map(len, labels)) > 12 else "center", fontsize=8)
+        ax.set_xticklabels([textwrap.fill(m, BOX_LABEL_CHARS, break_on_hyphens=False) for m in labels], fontsize=8)
         ax.set_ylabel(f"{task} {metrics.get(task, '')} (%)")
         ax.grid(axis="y", alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
+
+
+BOX_LABEL_CHARS = 22             # a box plot's labels wrap at this many characters a line
 
 
 def close(fig):

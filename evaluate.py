@@ -431,7 +431,7 @@ def cmd_boxplot(argv):
 
 def draw_boxplot(runs, args, output):
     import analysis
-    analysis.plot_boxplot(score_groups(runs), {r["task"]: r["metric"] for r in runs}, output, args.title)
+    analysis.close(analysis.plot_boxplot(score_groups(runs), {r["task"]: r["metric"] for r in runs}, output, args.title))
 
 
 def curve_points(run_dir) -> list:

@@ -1,4 +1,4 @@
-"""evaluate.py curves and dose, checked on the data each figure draws, from hand-made run folders."""
+"""evaluate.py boxplot, curves and dose, checked on the data each figure draws, from hand-made run folders."""
 import json
 
 import numpy as np
@@ -53,6 +53,36 @@ def test_curves_draw_one_line_per_arm_and_set_through_the_seed_means(tmp_path):
         analysis.close(fig)
     assert evaluate.main(["curves", str(tmp_path), "--output", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_boxplot_draws_each_row_s_seeds_under_a_wrapped_label_that_no_neighbour_overlaps(tmp_path):
+    shared = {"dropout": "shared", "reduction": "sum", "weights": "1"}
+    independent = {"dropout": "independent", "reduction": "mean", "weights": "0.01"}
+    for seed, (ft, a, b) in enumerate([(0.60, 0.59, 0.61), (0.62, 0.60, 0.64), (0.58, 0.63, 0.57)], start=1):
+        make_run(tmp_path, "RTE", "ft", seed, ft, scored="dev")
+        make_run(tmp_path / "shared", "RTE", "lnsr", seed, a, options=shared, scored="dev")
+        make_run(tmp_path / "independent", "RTE", "lnsr", seed, b, options=independent, scored="dev")
+    runs, problems = evaluate.read_runs(tmp_path)
+    assert not problems
+    groups = evaluate.score_groups(runs)
+    labels = ["ft", "lnsr (dropout=independent, reduction=mean, weights=0.01)",
+              "lnsr (dropout=shared, reduction=sum, weights=1)"]
+    assert list(groups["RTE"]) == labels
+    fig = analysis.plot_boxplot(groups, {"RTE": "acc"}, tmp_path / "box.png")
+    try:
+        ax = fig.axes[0]
+        dots = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines() if line.get_marker() == "o"}
+        assert dots == {"ft": pytest.approx([60.0, 62.0, 58.0]), labels[1]: pytest.approx([61.0, 64.0, 57.0]),
+                        labels[2]: pytest.approx([59.0, 60.0, 63.0])}
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert [" ".join(t.split("\n")) for t in ticks] == labels          # wrapped, nothing lost
+        assert max(len(line) for t in ticks for line in t.split("\n")) <= analysis.BOX_LABEL_CHARS
+        fig.canvas.draw()
+        extents = [t.get_window_extent() for t in ax.get_xticklabels()]
+        assert all(left.x1 < right.x0 for left, right in zip(extents, extents[1:]))   # no overlap
+    finally:
+        analysis.close(fig)
+    assert (tmp_path / "box.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_dose_draws_each_reading_s_strengths_against_the_penalty_ratio(tmp_path):
