@@ -454,7 +454,8 @@ def plot_curves(groups, metrics: dict, path: Path, title: str = ""):
 def finish_panel(ax, ylabel):
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if len(ax.get_legend_handles_labels()[1]) > 6:     # a long legend would cover the lines
+    labels = ax.get_legend_handles_labels()[1]
+    if len(labels) > 6 or max(map(len, labels), default=0) > 30:   # a big legend would cover the lines
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.legend(fontsize=7, loc="best")

@@ -55,6 +55,20 @@ def test_curves_draw_one_line_per_arm_and_set_through_the_seed_means(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
+def test_a_curves_legend_of_long_labels_stands_beside_the_panel_a_short_one_inside(tmp_path):
+    points = {"dev": {1: [50.0, 52.0], 2: [55.0, 57.0]}, "train_sample": {1: [60.0, 62.0], 2: [80.0, 84.0]}}
+    for labels, outside in ((["ft", "lnsr"], False),
+                            (["ft", "lnsr (dropout=independent, reduction=mean, weights=0.01)"], True)):
+        fig = analysis.plot_curves({"RTE": {label: points for label in labels}}, {"RTE": "acc"}, tmp_path / "c.png")
+        try:
+            fig.canvas.draw()
+            (ax,) = fig.axes
+            legend, panel = ax.get_legend().get_window_extent(), ax.get_window_extent()
+            assert (legend.x0 >= panel.x1) == outside, labels
+        finally:
+            analysis.close(fig)
+
+
 def test_boxplot_draws_each_row_s_seeds_under_a_wrapped_label_that_no_neighbour_overlaps(tmp_path):
     shared = {"dropout": "shared", "reduction": "sum", "weights": "1"}
     independent = {"dropout": "independent", "reduction": "mean", "weights": "0.01"}
