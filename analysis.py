@@ -433,9 +433,10 @@ def plot_curves(groups, metrics: dict, path: Path, title: str = ""):
     plt = pyplot()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(len(groups), 1, figsize=(7.5, 3.4 * len(groups)), squeeze=False)
+    every_label = list(dict.fromkeys(label for by_label in groups.values() for label in by_label))
     for ax, (task, by_label) in zip(axes[:, 0], groups.items()):
-        for i, (label, sets) in enumerate(by_label.items()):
-            color = colors[i % len(colors)]
+        for label, sets in by_label.items():
+            color = colors[every_label.index(label) % len(colors)]      # one color per arm in every panel
             for name, by_epoch in sets.items():
                 epochs = sorted(by_epoch)
                 values = [np.asarray(by_epoch[e], dtype=float) for e in epochs]

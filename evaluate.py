@@ -431,7 +431,8 @@ def cmd_boxplot(argv):
 
 def draw_boxplot(runs, args, output):
     import analysis
-    analysis.close(analysis.plot_boxplot(score_groups(runs), {r["task"]: r["metric"] for r in runs}, output, args.title))
+    metrics = {r["task"]: r["metric"] for r in runs}
+    analysis.close(analysis.plot_boxplot(score_groups(runs), metrics, output, args.title))
 
 
 def curve_points(run_dir) -> list:

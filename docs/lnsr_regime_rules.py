@@ -32,8 +32,9 @@ paired difference averaged over the tasks; if neither does, none is. The recomme
 only when every arm is judged and each reading has one: if the budget drops the independent
 reading (LNSR_REGIME.md), it stays undecided, and the report judges by the shared reading alone
 and says so. An arm is judged once it and ft each have a dev and a train score for every task
-and for seeds 1-5; runs of two recipes in one call are refused. An arm that collapses on 3 or more of a task's seeds is reported as not
-training there (the collapsed runs stay in every statistic).
+and for seeds 1-5; runs of two recipes in one call are refused. An arm that collapses on 3 or
+more of a task's seeds is reported as not training there (the collapsed runs stay in every
+statistic).
 
     python docs/lnsr_regime_rules.py stage3 results/regime/stage3
 """

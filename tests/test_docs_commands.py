@@ -247,7 +247,8 @@ def test_the_stage3_queue_issues_the_report_s_commands_in_priority_order(tmp_pat
     commands, one seed per command, seed by seed with ft and the shared reading first, with
     glibc's caches off; each dry-runs against the committed runs (a committed run must have been
     made with exactly those settings)."""
-    status, stderr, issued = run_queue(tmp_path, str(ROOT), "out", environment={"GLIBC_TUNABLES": "glibc.malloc.check=0"})
+    status, stderr, issued = run_queue(tmp_path, str(ROOT), "out",
+                                       environment={"GLIBC_TUNABLES": "glibc.malloc.check=0"})
     assert status == 0, stderr
     parse = lambda argv: vars(cli.build_parser(train.TrainConfig()).parse_args(argv))
     report = [parse(argv[1:]) for argv in commands(ROOT / "docs" / "RESULTS.md")

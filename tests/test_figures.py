@@ -69,6 +69,19 @@ def test_a_curves_legend_of_long_labels_stands_beside_the_panel_a_short_one_insi
             analysis.close(fig)
 
 
+def test_an_arm_keeps_its_color_in_a_panel_where_another_arm_is_missing(tmp_path):
+    points = {"dev": {1: [50.0], 2: [55.0]}}
+    groups = {"RTE": {"ft": points, "shared": points, "independent": points},
+              "CoLA": {"ft": points, "independent": points}}
+    fig = analysis.plot_curves(groups, {"RTE": "acc", "CoLA": "mcc"}, tmp_path / "c.png")
+    try:
+        colors = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes]
+        assert colors[1] == {k: colors[0][k] for k in ("ft, dev", "independent, dev")}
+        assert len(set(colors[0].values())) == 3
+    finally:
+        analysis.close(fig)
+
+
 def test_boxplot_draws_each_row_s_seeds_under_a_wrapped_label_that_no_neighbour_overlaps(tmp_path):
     shared = {"dropout": "shared", "reduction": "sum", "weights": "1"}
     independent = {"dropout": "independent", "reduction": "mean", "weights": "0.01"}

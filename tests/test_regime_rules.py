@@ -248,7 +248,8 @@ def test_stage3_each_rule_can_fail_and_the_larger_mean_difference_wins_between_t
     assert verdicts["shared d positive on 2 tasks"]["decision"]["rule1"] == (False, ["RTE", "MRPC"], ["RTE"])
     assert verdicts["shared e one interval below 0"]["decision"]["rule2"] == (False, ["STS-B"])
     assert verdicts["shared f train lower on 2 tasks"]["decision"]["rule3"] == (False, ["RTE", "MRPC"])
-    assert verdicts["shared f train lower on 2 tasks"]["signature"]["STS-B"]["a"] == (False, 95.0, 95.0)   # a tie is not lower
+    # A tie is not lower:
+    assert verdicts["shared f train lower on 2 tasks"]["signature"]["STS-B"]["a"] == (False, 95.0, 95.0)
     assert recommended == "independent a better"
 
 
