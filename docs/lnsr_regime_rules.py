@@ -280,10 +280,14 @@ def stage3_verdicts(cells: dict) -> tuple:
                          "mean_diff": None if why else sum(p["mean_diff"] for p in paired.values()) / len(paired)}
     # A reading without a finished run has no arm yet; it keeps the recommendation open too.
     unstarted = [r for r in STAGE3_READINGS if not any(reading_of(a) == r for a in arms)]
-    decided = not unstarted and all(v["decision"] for v in verdicts.values())
-    behaving = [a for a, v in verdicts.items() if decided and v["decision"]["behaves"]]
+    behaving = [a for a, v in verdicts.items() if is_decided(verdicts, unstarted) and v["decision"]["behaves"]]
     recommended = max(behaving, key=lambda a: verdicts[a]["mean_diff"]) if behaving else None
     return verdicts, recommended, unstarted
+
+
+def is_decided(verdicts: dict, unstarted: list) -> bool:
+    """Whether the recommendation can be made: every arm judged, and no reading without one."""
+    return not unstarted and all(v["decision"] for v in verdicts.values())
 
 
 def does_not_train(cells: dict) -> list:
@@ -341,7 +345,7 @@ def stage3(dirs) -> int:
     for reading in unstarted:
         print(f"| {reading} reading | - | - | - | not judged: no finished runs |")
     print()
-    if unstarted or any(v["decision"] is None for v in verdicts.values()):
+    if not is_decided(verdicts, unstarted):
         print("Recommendation: not decided; stage 3 is not complete.")
     elif recommended:
         print(f"Recommendation: {recommended} (mean paired difference over the tasks "
