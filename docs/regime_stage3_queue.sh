@@ -19,6 +19,10 @@
 # Two workers that reach one unclaimed run within the same few seconds both start it; the
 # second then waits for the first (the minute between the starts keeps them apart).
 set -u
+if [ $# -lt 2 ] || [ $# -gt 3 ]; then
+    echo "usage: bash docs/regime_stage3_queue.sh CHECKOUT RESULTS [GLUE_DIR]  (the header explains each)" >&2
+    exit 2
+fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 checkout=$(realpath -m "$1")
 results=$(realpath -m "$2")

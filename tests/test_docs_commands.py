@@ -299,3 +299,5 @@ def test_the_stage3_queue_walks_only_the_arms_asked_for(tmp_path):
         [(task, seed) for _, task, seed in queue_order([("independent",)])]
     status, stderr, issued = run_queue(tmp_path, str(ROOT), "out", environment={"ARMS": "indep"})
     assert status == 2 and "unknown arm 'indep'" in stderr and not issued
+    status, stderr, issued = run_queue(tmp_path, str(ROOT))
+    assert status == 2 and stderr.startswith("usage: ") and len(stderr.splitlines()) == 1 and not issued
