@@ -292,7 +292,7 @@ def test_the_stage3_queue_passes_over_a_live_worker_s_run_until_the_end_and_skip
     assert runs == expected + [("independent", "rte", "1")]
 
 
-def test_the_stage3_queue_walks_only_the_arms_asked_for(tmp_path):
+def test_the_stage3_queue_walks_only_the_arms_asked_for_and_refuses_bad_input(tmp_path):
     status, _, issued = run_queue(tmp_path, str(ROOT), "out", environment={"ARMS": "independent"})
     assert status == 0
     assert [(a[a.index("--task") + 1], a[a.index("--seeds") + 1]) for a, _ in issued] == \
