@@ -106,8 +106,7 @@ percent of the loss on both readings cost 9 to 22 points on a task or stopped le
 the shared reading at sigma 1e-4 did not behave like the paper either: its paired differences
 against ft are +1.59 (CoLA), +0.28 (MRPC), -0.87 (RTE) and -0.06 (STS-B), every 95% interval
 across 0. Run the difference estimator in fp32: bf16 and TF32 round noise of sigma 1e-4 away
-(numerics.numeric_recipe);
-the jvp estimator may run in bf16.
+(numerics.numeric_recipe); the jvp estimator may run in bf16.
 """
 import math
 from dataclasses import dataclass, field

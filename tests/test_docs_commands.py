@@ -237,6 +237,11 @@ def run_queue(tmp_path, *args, environment=None):
     return done.returncode, done.stderr, [(argv[1:], argv[0]) for argv in issued]
 
 
+def run_of(argv):
+    """(arm, task, seed) of a train.py command the queue issued: the arm is its output folder."""
+    return Path(argv[argv.index("--output-dir") + 1]).name, argv[argv.index("--task") + 1], argv[argv.index("--seeds") + 1]
+
+
 def queue_order(arms_in_order):
     return [(arm, task, str(seed)) for arms in arms_in_order for seed in range(1, 6)
             for task in ("rte", "mrpc", "cola", "sts-b") for arm in arms]
@@ -260,13 +265,12 @@ def test_the_stage3_queue_issues_the_report_s_commands_in_priority_order(tmp_pat
             "glibc.malloc.check=0:glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
         output_dir = Path(argv[argv.index("--output-dir") + 1])
         assert output_dir.parent == tmp_path / "out"                     # relative to where it started
-        seed = argv[argv.index("--seeds") + 1]
         committed = argv[1:]
         committed[committed.index("--output-dir") + 1] = f"results/regime/stage3/{output_dir.name}"
         assert Path(argv[argv.index("--data-dir") + 1]) == (ROOT / ".." / "shared" / "glue_data").resolve()
         committed[committed.index("--data-dir") + 1] = "../shared/glue_data"
         assert {**parse(committed), "seeds": "1-5"} in report, argv
-        runs.append((output_dir.name, argv[argv.index("--task") + 1], seed))
+        runs.append(run_of(argv))
         assert train.main(committed + ["--dry-run"]) == 0, capsys.readouterr().err
     assert runs == queue_order([("ft", "shared"), ("independent",)])
 
@@ -285,8 +289,7 @@ def test_the_stage3_queue_passes_over_a_live_worker_s_run_until_the_end_and_skip
     (finished / "results.json").write_text("{}")
     status, stderr, issued = run_queue(tmp_path, str(ROOT), str(out))
     assert status == 0, stderr
-    runs = [(Path(a[a.index("--output-dir") + 1]).name, a[a.index("--task") + 1], a[a.index("--seeds") + 1])
-            for a, _ in issued]
+    runs = [run_of(argv) for argv, _ in issued]
     expected = [r for r in queue_order([("ft", "shared"), ("independent",)])
                 if r not in (("independent", "rte", "1"), ("shared", "cola", "3"))]
     assert runs == expected + [("independent", "rte", "1")]
@@ -295,8 +298,7 @@ def test_the_stage3_queue_passes_over_a_live_worker_s_run_until_the_end_and_skip
 def test_the_stage3_queue_walks_only_the_arms_asked_for_and_refuses_bad_input(tmp_path):
     status, _, issued = run_queue(tmp_path, str(ROOT), "out", environment={"ARMS": "independent"})
     assert status == 0
-    assert [(a[a.index("--task") + 1], a[a.index("--seeds") + 1]) for a, _ in issued] == \
-        [(task, seed) for _, task, seed in queue_order([("independent",)])]
+    assert [run_of(argv) for argv, _ in issued] == queue_order([("independent",)])
     status, stderr, issued = run_queue(tmp_path, str(ROOT), "out", environment={"ARMS": "indep"})
     assert status == 2 and "unknown arm 'indep'" in stderr and not issued
     status, stderr, issued = run_queue(tmp_path, str(ROOT))

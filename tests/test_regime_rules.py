@@ -88,11 +88,15 @@ def test_stage2_reads_the_reading_and_strength_from_the_method_options():
     assert rules.reading_and_strength(independent) == ("independent", 0.03)
 
 
+def report_lines() -> list:
+    return (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8").splitlines()
+
+
 def test_the_stage1_table_in_the_report_is_what_the_rule_prints_from_the_committed_runs(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert rules.main(["stage1", "results/regime/stage1/adam", "results/regime/stage1/adamw"]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ada")]
-    report = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8").splitlines()
+    report = report_lines()
     assert len(printed) == 8 and all(line in report for line in printed)
 
 
@@ -102,7 +106,7 @@ def test_the_stage3_rows_in_the_report_are_what_the_rule_prints_from_the_committ
     monkeypatch.chdir(ROOT)
     assert rules.main(["stage3", "results/regime/stage3"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    report = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8").splitlines()
+    report = report_lines()
     of_arm = lambda lines, arm: [line for line in lines if line.startswith(f"| {arm} |")
                                  or any(line.startswith(f"| {t} | {arm} |") for t in rules.STAGE3_TASKS)]
     covered = 0
@@ -119,7 +123,7 @@ def test_the_stage2_table_in_the_report_is_what_the_rule_prints_from_the_committ
     assert rules.main(["stage2", "results/regime/stage2", "--ft", "results/regime/stage1/adamw/RTE/ft-epochs6-lr5e-05",
                        "results/regime/stage1/adamw/CoLA/ft-epochs6-lr5e-05"]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    report = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8").splitlines()
+    report = report_lines()
     assert len(printed) == 10 and all(line in report for line in printed)
 
 
