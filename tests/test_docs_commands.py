@@ -239,7 +239,8 @@ def run_queue(tmp_path, *args, environment=None):
 
 def run_of(argv):
     """(arm, task, seed) of a train.py command the queue issued: the arm is its output folder."""
-    return Path(argv[argv.index("--output-dir") + 1]).name, argv[argv.index("--task") + 1], argv[argv.index("--seeds") + 1]
+    value = lambda flag: argv[argv.index(flag) + 1]
+    return Path(value("--output-dir")).name, value("--task"), value("--seeds")
 
 
 def queue_order(arms_in_order):
