@@ -103,9 +103,12 @@ lnsr-sigma ...` (penalty_size.py): on MiniLM-L6 at a recipe tuned for it (AdamW,
 6 epochs), no strength of either reading beat ft on held-out RTE and CoLA, and from a few
 percent of the loss on both readings cost 9 to 22 points on a task or stopped learning
 (docs/RESULTS.md, "Tuned fairly", stage 2). On dev (stage 3, four tasks, five paired seeds)
-the shared reading at sigma 1e-4 did not behave like the paper either: its paired differences
-against ft are +1.59 (CoLA), +0.28 (MRPC), -0.87 (RTE) and -0.06 (STS-B), every 95% interval
-across 0. Run the difference estimator in fp32: bf16 and TF32 round noise of sigma 1e-4 away
+neither reading at its selected strength behaved like the paper, so the protocol recommends
+neither. Paired differences against ft: shared masks at sigma 1e-4, +1.59 (CoLA), +0.28 (MRPC),
+-0.87 (RTE) and -0.06 (STS-B), every 95% interval across 0; independent masks at lambda 0.01
+under "mean", +1.22 (CoLA, interval [0.05, 2.38]), -0.14 (MRPC), -0.87 (RTE) and +0.01
+(STS-B). On MiniLM-L6 LNSR adds nothing established; the default stays Eq. 2 as written.
+Run the difference estimator in fp32: bf16 and TF32 round noise of sigma 1e-4 away
 (numerics.numeric_recipe); the jvp estimator may run in bf16.
 """
 import math
