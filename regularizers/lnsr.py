@@ -100,8 +100,8 @@ BERT-Large it is not a tuned value. Choose it on held-out training data (`train.
 by the penalty's size against the task loss at the start, logged from the first step and drawn
 by `evaluate.py dose`, and measured before any run by `evaluate.py penalty-size --vary
 lnsr-sigma ...` (penalty_size.py): on MiniLM-L6 at a recipe tuned for it (AdamW, lr 5e-5,
-6 epochs), no strength of either reading beat ft on held-out RTE and CoLA, and from a few
-percent of the loss on both readings cost 9 to 22 points on a task or stopped learning
+6 epochs), no strength of either reading beat ft on average over held-out RTE and CoLA, and
+from a few percent of the loss on both readings cost 9 to 22 points on a task or stopped learning
 (docs/RESULTS.md, "Tuned fairly", stage 2). On dev (stage 3, four tasks, five paired seeds)
 neither reading at its selected strength behaved like the paper, so the protocol recommends
 neither. Paired differences against ft: shared masks at sigma 1e-4, +1.59 (CoLA), +0.28 (MRPC),
