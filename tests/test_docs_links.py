@@ -10,6 +10,11 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
+def prose(page: Path) -> str:
+    """A page's text without its code blocks (a `# comment` there is no heading, a `[x](y)` no link)."""
+    return re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+
+
 def github_anchor(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation other than '-' and '_' dropped,
     each space a '-'."""
@@ -17,9 +22,8 @@ def github_anchor(heading: str) -> str:
 
 
 def anchors(page: Path) -> set:
-    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)   # no headings in code
     found, seen = set(), {}
-    for heading in re.findall(r"^#{1,6} (.+)$", text, re.M):
+    for heading in re.findall(r"^#{1,6} (.+)$", prose(page), re.M):
         anchor = github_anchor(heading)
         n = seen.get(anchor, 0)
         seen[anchor] = n + 1
@@ -38,9 +42,8 @@ def test_github_anchor_matches_githubs_own():
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_every_relative_link_leads_to_a_file_and_heading(page):
-    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
     broken = []
-    for target in LINK.findall(text):
+    for target in LINK.findall(prose(page)):
         if re.match(r"[a-z]+:", target):                  # http:, https:, mailto:
             continue
         path, _, fragment = target.partition("#")
