@@ -280,7 +280,8 @@ def stage3_verdicts(cells: dict) -> tuple:
                          "mean_diff": None if why else sum(p["mean_diff"] for p in paired.values()) / len(paired)}
     # A reading without a finished run has no arm yet; it keeps the recommendation open too.
     unstarted = [r for r in STAGE3_READINGS if not any(reading_of(a) == r for a in arms)]
-    behaving = [a for a, v in verdicts.items() if is_decided(verdicts, unstarted) and v["decision"]["behaves"]]
+    decided = is_decided(verdicts, unstarted)
+    behaving = [a for a, v in verdicts.items() if decided and v["decision"]["behaves"]]
     recommended = max(behaving, key=lambda a: verdicts[a]["mean_diff"]) if behaving else None
     return verdicts, recommended, unstarted
 

@@ -1,5 +1,6 @@
 """Every relative link in README.md and docs/*.md leads somewhere: the file exists, and a
 #fragment names a heading of that file, as GitHub writes a heading's anchor."""
+import functools
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def github_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+@functools.lru_cache(maxsize=None)
 def anchors(page: Path) -> set:
     found, seen = set(), {}
     for heading in re.findall(r"^#{1,6} (.+)$", prose(page), re.M):
