@@ -5,7 +5,8 @@
   the same mask, a seed fixes the masks, and the explicit attention path that applies it equals
   scaled_dot_product_attention when nothing is dropped.
 * `cls_only_last_layer`: the last layer computes the [CLS] position only; logits and every
-  parameter's gradient equal those of the full computation (float64, 1e-10).
+  parameter's gradient equal those of the full computation (float64, 1e-10), and in training
+  its dropout masks, drawn for fewer positions, give the logits the same distribution.
 * Row buckets (`row_bucket`, `RealTokens`): the extra padding rows change no bit of any value,
   gradient or dropout mask, nor the random stream (float32, training mode, LNSR's second pass).
 * `gelu_linear`: W_2 GELU(h) keeping h alone for the backward pass gives the plain composition's
@@ -279,6 +280,36 @@ def test_cls_only_last_layer_same_logits_and_gradients(train):
     for name, grad in full_grads.items():
         assert grad is not None, name
         torch.testing.assert_close(short_grads[name], grad, atol=1e-10, rtol=0, msg=name)
+
+
+def training_logits(cls_only, draws, seed, attention_p, hidden_p):
+    """The logits of `draws` training-mode forward passes of one batch, (draws, B * 2), with
+    dropout `attention_p` on the attention probabilities and `hidden_p` everywhere else."""
+    model = tiny.tiny_model(num_layers=2, dropout=hidden_p).double().train()
+    for attention in (layer.attention for layer in model.bert.layers):
+        attention.attn_dropout = attention_p
+    model.bert.cls_only_last_layer = cls_only
+    batch = tiny.tiny_batch()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return torch.stack([tiny.forward(model, batch).logits.flatten() for _ in range(draws)]).numpy()
+
+
+@pytest.mark.parametrize("attention_p, hidden_p", [(0.5, 0.0), (0.0, 0.1)], ids=["attention", "hidden"])
+def test_cls_only_last_layer_draws_dropout_from_the_same_distribution(attention_p, hidden_p):
+    """With real dropout the two last layers draw different masks (their shapes differ), so no
+    run is replayed bit for bit; what must hold is that [CLS]'s masks are drawn alike: each logit
+    has the same mean and spread over many draws (Welch's t and Levene's test, scipy). A missing
+    or misscaled mask on the attention probabilities or on the hidden rows moves the spread.
+    Each dropout is tested alone, so that the other's noise does not hide it."""
+    from scipy import stats
+    full = training_logits(False, 2000, 0, attention_p, hidden_p)
+    short = training_logits(True, 2000, 1, attention_p, hidden_p)
+    assert not (full[:1] == short[:1]).all()                          # really different draws
+    for logit in range(full.shape[1]):
+        a, b = full[:, logit], short[:, logit]
+        assert stats.ttest_ind(a, b, equal_var=False).pvalue > 1e-4, (logit, a.mean(), b.mean())
+        assert stats.levene(a, b).pvalue > 1e-4, (logit, a.std(), b.std())
 
 
 def rows_seen(model, batch, module_name):
