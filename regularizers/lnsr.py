@@ -107,10 +107,10 @@ neither reading at its selected strength behaved like the paper, so the protocol
 neither. Paired differences against ft: shared masks at sigma 1e-4, +1.59 (CoLA), +0.28 (MRPC),
 -0.87 (RTE) and -0.06 (STS-B), every 95% interval across 0; independent masks at lambda 0.01
 under "mean", +1.22 (CoLA, interval [0.05, 2.38]), -0.14 (MRPC), -0.87 (RTE) and +0.01
-(STS-B). LNSR at sigma 0 (its penalty exactly 0) leads ft on CoLA by about as much, +1.44:
-the penalty does not explain that lead (it adds +0.15 [-0.47, 0.77]); the rest goes with the
-last layer's other dropout draws. On MiniLM-L6 LNSR adds nothing established; the default stays
-Eq. 2 as written.
+(STS-B). LNSR at sigma 0 (its penalty exactly 0) leads ft on CoLA by about as much, +1.44,
+and against ft with its dropout masks drawn anew the readings' CoLA leads are +0.29 and -0.08:
+ft's five CoLA runs sit low among its own draws. On MiniLM-L6 LNSR adds nothing established;
+the default stays Eq. 2 as written.
 Run the difference estimator in fp32: bf16 and TF32 round noise of sigma 1e-4 away
 (numerics.numeric_recipe); the jvp estimator may run in bf16.
 """
