@@ -109,8 +109,8 @@ neither. Paired differences against ft: shared masks at sigma 1e-4, +1.59 (CoLA)
 under "mean", +1.22 (CoLA, interval [0.05, 2.38]), -0.14 (MRPC), -0.87 (RTE) and +0.01
 (STS-B). LNSR at sigma 0 (its penalty exactly 0) leads ft on CoLA by about as much, +1.44,
 and against ft with its dropout masks drawn anew the readings' CoLA leads are +0.29 and -0.08:
-ft's five CoLA runs sit low among its own draws. On MiniLM-L6 LNSR adds nothing established;
-the default stays Eq. 2 as written.
+ft's five CoLA runs score lower than five other draws of its masks. On MiniLM-L6 LNSR adds
+nothing established; the default stays Eq. 2 as written.
 Run the difference estimator in fp32: bf16 and TF32 round noise of sigma 1e-4 away
 (numerics.numeric_recipe); the jvp estimator may run in bf16.
 """
