@@ -79,7 +79,8 @@ def guide_train_commands(path):
     """The train.py commands of a guide, run by python or torchrun, in fenced bash blocks or in
     indented code, with `for x in a b c; do` loops expanded: the argv after train.py."""
     text = path.read_text(encoding="utf-8")
-    indented = [textwrap.dedent(block) for block in re.findall(r"((?:^    \S.*\n)+)", text, re.M)]
+    # An indented code block: lines of 4 spaces and more (a continued command indents further).
+    indented = [textwrap.dedent(block) for block in re.findall(r"((?:^    \S.*\n(?:^     +\S.*\n)*)+)", text, re.M)]
     found = []
     for block in bash_blocks(text) + indented:
         loops = {}
